@@ -1,0 +1,172 @@
+"""Corpora, tokenizers and batches.
+
+A corpus is plain text. It is tokenized once with a tiktoken encoding, cached on disk as a numpy memmap
+of token ids, and split deterministically: the first 90% of the tokens train, the last 10% validate.
+Batches are windows of block_size+1 tokens drawn at random offsets.
+
+Three corpora:
+  "python-docs"  (default) the Python language reference that ships inside every Python install
+                 (pydoc_data.topics, about 465k characters): embedded, so it works offline.
+  "shakespeare"  tiny-shakespeare (1.1M characters), downloaded once and cached.
+  PATH           any UTF-8 text file.
+"""
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CACHE_DIR = Path(os.environ.get("NITP_CACHE_DIR", Path(__file__).resolve().parent / "data_cache"))
+TOKENIZERS = ("bytes", "gpt2", "r50k_base", "cl100k_base", "o200k_base")
+VAL_FRACTION = 0.1
+
+
+class DataError(ValueError):
+    """A problem with the user's data or tokenizer choice; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizers
+
+def get_tokenizer(name: str) -> tiktoken.Encoding:
+    """Return a tiktoken encoding by name. "bytes" is ours; the others are OpenAI's standard encodings.
+
+    The default, "bytes", has 256 tokens: one per byte value, no merges. It needs no download, round-trips
+    any text, and keeps the embedding and LM head small enough to train on a CPU. A standard encoding has
+    50k-200k tokens: its embedding table alone would dwarf a toy model and its vocabulary would be mostly
+    unseen in a small corpus.
+    """
+    if name == "bytes":
+        return tiktoken.Encoding(
+            name="bytes",
+            pat_str=r"""[^\n]+|\n""",  # split into lines; with no merges the split does not change the ids
+            mergeable_ranks={bytes([i]): i for i in range(256)},
+            special_tokens={},
+        )
+    if name not in TOKENIZERS:
+        raise DataError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
+    if name == "gpt2":
+        name = "r50k_base"  # the same GPT-2 BPE, stored by tiktoken as a single file
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # tiktoken downloads the encoding once; offline that fails in many ways
+        raise DataError(
+            f"could not load tiktoken encoding {name!r} ({type(e).__name__}); it is downloaded once, so go online "
+            f"once or set TIKTOKEN_CACHE_DIR to a folder holding its cached file, or use --tokenizer bytes"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Corpora
+
+def python_docs_text() -> str:
+    """The Python language reference, as shipped with Python for help(): one section per topic."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DataError("this Python install lacks pydoc_data, which holds the default corpus; "
+                        "use --data shakespeare or --data PATH") from None
+    return "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def shakespeare_text() -> str:
+    """tiny-shakespeare, downloaded with the standard library once, then read from the cache."""
+    path = CACHE_DIR / "tinyshakespeare.txt"
+    if not path.exists():
+        try:
+            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+                raw = response.read()
+        except Exception as e:
+            raise DataError(f"could not download tiny-shakespeare ({e.__class__.__name__}: {e}); save it to "
+                            f"{path} by hand, or pass --data PATH") from None
+        _atomic_write(path, raw)
+    return path.read_text(encoding="utf-8")
+
+
+def file_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"corpus file {path!r} not found; pass an existing UTF-8 text file, "
+                        f"or --data python-docs / --data shakespeare")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"corpus file {path!r} is not UTF-8 text (bad byte at offset {e.start}); "
+                        f"convert it to UTF-8 first") from None
+    if not text.strip():
+        raise DataError(f"corpus file {path!r} is empty; pass a file with text in it")
+    return text
+
+
+def load_text(source: str) -> str:
+    if source == "python-docs":
+        return python_docs_text()
+    if source == "shakespeare":
+        return shakespeare_text()
+    return file_text(source)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token cache and splits
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file, then rename: a crash never leaves a half-written cache file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def token_dtype(vocab_size: int) -> type:
+    """The smallest unsigned integer type that holds every token id."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return dtype
+    raise DataError(f"vocabulary of {vocab_size} tokens is too large")
+
+
+@dataclass
+class Dataset:
+    train: np.ndarray  # (N_train,) token ids, a read-only memmap
+    val: np.ndarray    # (N_val,)
+    tokenizer: tiktoken.Encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.n_vocab
+
+
+def load_dataset(source: str, tokenizer_name: str, block_size: int) -> Dataset:
+    """Tokenize `source` (cached by content hash) and split it into train and val token arrays."""
+    tokenizer = get_tokenizer(tokenizer_name)
+    text = load_text(source)
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+    dtype = token_dtype(tokenizer.n_vocab)
+    path = CACHE_DIR / f"{digest}.{tokenizer.name}.{np.dtype(dtype).name}.bin"
+    if not path.exists():
+        ids = np.array(tokenizer.encode_ordinary(text), dtype=dtype)
+        _atomic_write(path, ids.tobytes())
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    n_val = int(len(tokens) * VAL_FRACTION)
+    train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    for split, ids in (("train", train), ("val", val)):
+        if len(ids) < block_size + 1:
+            raise DataError(
+                f"the {split} split has {len(ids)} tokens, but --block-size {block_size} needs at least "
+                f"{block_size + 1}; use a longer corpus (the val split is its last {VAL_FRACTION:.0%}) "
+                f"or a smaller --block-size")
+    return Dataset(train, val, tokenizer)
+
+
+def get_batch(tokens: np.ndarray, batch_size: int, block_size: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of the token stream: inputs x and the next-token targets y = x shifted by one."""
+    starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)  # (B,)
+    windows = np.stack([tokens[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64)  # (B, T+1)
+    windows = torch.from_numpy(windows)
+    return windows[:, :-1], windows[:, 1:]  # (B, T), (B, T)

@@ -1,0 +1,431 @@
+"""Tests: one property each. Run with `python -m pytest -q`. Hermetic: no network, CPU only."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+import data
+import train
+from model import GPT, GPTConfig
+from nitp import NITP, NITPConfig, anisotropy, default_layer, effective_rank, training_loss
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
+        "--eval-iters", "2", "--log-interval", "5"]
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory, monkeypatch):
+    """Keep the token cache out of the repository; share it across tests so each corpus is tokenized once."""
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path_factory.getbasetemp() / "token_cache")
+
+
+def tiny_model(n_layer=4, seed=0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=n_layer, n_head=2, n_embd=16, **kw))
+
+
+def tiny_nitp(n_layer=4, d=16, seed=1, **kw) -> NITP:
+    torch.manual_seed(seed)
+    return NITP(NITPConfig(**kw), n_layer=n_layer, n_embd=d)
+
+
+def tokens(B=3, T=12, seed=0) -> torch.Tensor:
+    return torch.randint(0, 50, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def read_metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------- the loss
+
+def test_cosine_loss_is_0_for_parallel_and_1_for_orthogonal_vectors():
+    """With no head, the term at t is 1 - cos(h_t, z_{t+1}): 0 when they point the same way, 1 when orthogonal."""
+    nitp = tiny_nitp(d=4, head="none")
+    e0, e1 = torch.eye(4)[0], torch.eye(4)[1]
+    hidden = torch.stack([e0, e0, e0]).unsqueeze(0)          # (1, 3, 4)
+    parallel = torch.stack([e1, 2 * e0, 5 * e0]).unsqueeze(0)  # z_1, z_2 parallel to h_0, h_1 (z_0 unused)
+    orthogonal = torch.stack([e0, e1, -3 * e1]).unsqueeze(0)
+    assert nitp(hidden, parallel).item() == pytest.approx(0.0, abs=1e-6)
+    assert nitp(hidden, orthogonal).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_term_at_t_targets_the_block_k_output_at_t_plus_1():
+    """Changing the token at t+1 changes z_{t+1} and so the target of the term at t; z_t is not its target."""
+    model, nitp = tiny_model(), tiny_nitp()
+    idx = tokens()
+    t = 5
+    changed = idx.clone()
+    changed[:, t + 1] = (changed[:, t + 1] + 1) % 50
+    out = model(idx, tap_layer=nitp.layer)
+    out_changed = model(changed, tap_layer=nitp.layer)
+    # Keep h fixed, swap in the other z: only the term whose target is z_{t+1} may move.
+    before = nitp.distances(out.hidden, out.tapped)             # (B, T-1)
+    after = nitp.distances(out.hidden, out_changed.tapped)
+    moved = (before - after).abs().amax(dim=0) > 1e-6           # (T-1,)
+    assert moved[t] and not moved[:t].any()
+    # The term at t does not look at z_t: changing only z_t leaves every term as it was except t-1.
+    z = out.tapped.clone()
+    z[:, t] += 1.0
+    moved = (before - nitp.distances(out.hidden, z)).abs().amax(dim=0) > 1e-6
+    assert moved.nonzero().flatten().tolist() == [t - 1]
+
+
+def test_the_last_position_contributes_nothing():
+    """h at the last position has no t+1: L_NITP has no gradient for it, and there are T-1 terms."""
+    model, nitp = tiny_model(), tiny_nitp()
+    out = model(tokens(T=10), tap_layer=nitp.layer)
+    hidden = out.hidden.detach().requires_grad_()
+    loss = nitp(hidden, out.tapped)
+    loss.backward()
+    assert nitp.distances(hidden, out.tapped).shape == (3, 9)
+    assert hidden.grad[:, -1].abs().max() == 0
+    assert hidden.grad[:, :-1].abs().amax(dim=-1).min() > 0
+
+
+def backbone_grads(model, nitp, idx):
+    """Gradients of L_NITP alone on every backbone parameter."""
+    model.zero_grad()
+    out = model(idx, tap_layer=nitp.layer)
+    nitp(out.hidden, out.tapped).backward()
+    return {name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            for name, p in model.named_parameters()}
+
+
+def test_no_gradient_flows_through_the_target():
+    """With sg(z), layers <= k get NITP gradient only through h_t: the same gradient as with z computed
+    separately and treated as a constant."""
+    model, nitp = tiny_model(), tiny_nitp()
+    idx = tokens()
+    grads = backbone_grads(model, nitp, idx)
+    with torch.no_grad():
+        constant_z = model(idx, tap_layer=nitp.layer).tapped
+    model.zero_grad()
+    out = model(idx)
+    nitp(out.hidden, constant_z).backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(grads[name], p.grad, atol=1e-7, rtol=1e-5), name
+    assert grads["blocks.0.attn.qkv.weight"].abs().max() > 0  # the h_t path does reach block 1
+
+
+def test_the_projection_head_receives_gradients():
+    """Every weight of the SwiGLU head gets a non-zero gradient from L_NITP."""
+    model, nitp = tiny_model(), tiny_nitp()
+    out = model(tokens(), tap_layer=nitp.layer)
+    nitp(out.hidden, out.tapped).backward()
+    assert sum(p.numel() for p in nitp.parameters()) == 12 * 16 * 16
+    for name, p in nitp.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def test_lambda_zero_is_exactly_the_ntp_baseline():
+    """λ = 0 gives bit-identical loss and backbone gradients to NTP without NITP."""
+    idx, targets = tokens(), tokens(seed=1)
+    results = []
+    for nitp in (None, tiny_nitp(lam=0.0)):
+        model = tiny_model()
+        loss, _ = training_loss(model, nitp, idx, targets)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_ntp, grads_ntp), (loss_zero, grads_zero) = results
+    assert torch.equal(loss_ntp, loss_zero)
+    assert all(torch.equal(a, b) for a, b in zip(grads_ntp, grads_zero))
+
+
+def test_the_backbone_runs_once_per_training_step():
+    """NITP takes z from the same forward pass: each block and the embedding run exactly once per step."""
+    model, nitp = tiny_model(), tiny_nitp()
+    calls = []
+    for name, module in [("wte", model.wte), *((f"block{i}", b) for i, b in enumerate(model.blocks))]:
+        module.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    loss, parts = training_loss(model, nitp, tokens(), tokens(seed=1))
+    loss.backward()
+    assert set(parts) == {"lm", "nitp"}
+    assert sorted(calls) == sorted(["wte", "block0", "block1", "block2", "block3"])
+
+
+def test_total_loss_is_ntp_plus_lambda_times_nitp():
+    """The training loss is L_NTP + λ·L_NITP, with the parts reported separately."""
+    loss, parts = training_loss(tiny_model(), tiny_nitp(lam=0.7), tokens(), tokens(seed=1))
+    assert loss.item() == pytest.approx(parts["lm"].item() + 0.7 * parts["nitp"].item(), rel=1e-6)
+
+
+def test_default_target_layer_is_a_fifth_of_the_depth_and_never_the_embeddings():
+    """k = round(0.2 · n_layer), at least 1: the paper's 4/17, 5/24, 6/28."""
+    assert [default_layer(n) for n in (1, 4, 12, 17, 24, 28)] == [1, 1, 2, 3, 5, 6]
+
+
+def test_layer_zero_targets_the_embeddings():
+    """k = 0 taps the embedding output: token plus position embeddings."""
+    model = tiny_model()
+    idx = tokens()
+    out = model(idx, tap_layer=0)
+    expected = model.wte(idx) + model.wpe(torch.arange(idx.size(1)))
+    assert torch.equal(out.tapped, expected)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+def test_effective_rank_of_isotropic_gaussian_states_is_close_to_d():
+    """Isotropic Gaussian states use every direction equally: effective rank ≈ d."""
+    states = torch.randn(20000, 32, generator=torch.Generator().manual_seed(0))
+    assert 0.97 * 32 < effective_rank(states) <= 32
+
+
+def test_effective_rank_of_rank_one_states_is_one():
+    """States on one line through a point have a single non-zero eigenvalue: effective rank 1."""
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(500, 1, generator=g) * torch.randn(1, 32, generator=g) + torch.randn(1, 32, generator=g)
+    assert effective_rank(states) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_effective_rank_of_two_equal_directions_is_two():
+    """Two orthogonal directions with equal variance: entropy log 2, effective rank 2."""
+    states = torch.zeros(4, 8)
+    states[0, 0], states[1, 0], states[2, 1], states[3, 1] = 1, -1, 1, -1
+    assert effective_rank(states) == pytest.approx(2.0, abs=1e-5)
+
+
+def test_anisotropy_known_answers():
+    """Identical rows give cosine 1; a vector and its negative give -1; orthogonal rows give 0."""
+    v = torch.randn(16)
+    assert anisotropy(v.repeat(10, 1)) == pytest.approx(1.0, abs=1e-6)
+    assert anisotropy(torch.stack([v, -v])) == pytest.approx(-1.0, abs=1e-6)
+    assert anisotropy(torch.eye(16)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+
+def test_the_model_is_causal():
+    """The logits at t do not depend on tokens after t."""
+    model = tiny_model()
+    idx = tokens()
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 3) % 50
+    a, b = model(idx).logits, model(changed).logits
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6)
+    assert not torch.allclose(a[:, 7], b[:, 7])
+
+
+def test_embeddings_are_tied_and_residual_projections_scaled():
+    """The LM head is the token embedding; projections into the residual stream start at 0.02/sqrt(2·n_layer)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=8, n_head=4, n_embd=256))
+    assert model.lm_head.weight is model.wte.weight
+    assert model.blocks[0].mlp.up.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+
+
+def test_a_tiny_model_overfits_a_tiny_batch_with_nitp_on():
+    """Both losses fall on one repeated batch: the LM loss to near zero, and the NITP loss well below its start."""
+    model, nitp = tiny_model(n_layer=2), tiny_nitp(n_layer=2)
+    idx, targets = tokens(B=2, T=16), tokens(B=2, T=16, seed=1)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(nitp.parameters()), lr=1e-2, weight_decay=0)
+    first = None
+    for _ in range(300):
+        loss, parts = training_loss(model, nitp, idx, targets)
+        first = first or {k: v.item() for k, v in parts.items()}
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert parts["lm"].item() < 0.05 < first["lm"]
+    assert parts["nitp"].item() < 0.25 * first["nitp"]
+
+
+def test_generate_extends_the_sequence_and_never_touches_the_nitp_head():
+    """generate() uses the backbone alone: it works with no NITP module anywhere."""
+    model = tiny_model()
+    out = model.generate(tokens(B=2, T=3), max_new_tokens=20, top_k=5)  # longer than block_size
+    assert out.shape == (2, 23) and out.max() < 50
+
+
+def test_config_validation():
+    """Bad shapes and NITP settings raise ValueError with a message naming the problem."""
+    cases = [(lambda: GPTConfig(n_embd=100, n_head=3), "divisible"),
+             (lambda: GPTConfig(block_size=1), "block_size"),
+             (lambda: NITPConfig(lam=-0.5), "lambda"),
+             (lambda: NITP(NITPConfig(layer=4), n_layer=4, n_embd=16), "0..3"),
+             (lambda: NITP(NITPConfig(layer=-1), n_layer=4, n_embd=16), "0..3")]
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make()
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+def test_byte_tokenizer_round_trips_text():
+    """The default tokenizer has 256 ids and decodes back to exactly the text it encoded."""
+    tok = data.get_tokenizer("bytes")
+    text = "Tiny GPT — naïve café, 東京\n\ttabs and emoji 🙂"
+    ids = tok.encode_ordinary(text)
+    assert tok.n_vocab == 256 and len(ids) == len(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+
+
+@pytest.mark.skipif(not (SHARED / "tiktoken_cache").is_dir(), reason="needs ../shared/tiktoken_cache (offline GPT-2 BPE)")
+def test_gpt2_tokenizer_round_trips_text(monkeypatch):
+    """--tokenizer gpt2 is the GPT-2 BPE (r50k_base), loaded from TIKTOKEN_CACHE_DIR."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+    tok = data.get_tokenizer("gpt2")
+    text = "To be, or not to be: that is the question."
+    assert tok.n_vocab == 50257 and tok.decode(tok.encode_ordinary(text)) == text
+    assert data.token_dtype(tok.n_vocab) == np.uint16
+
+
+def test_token_dtype_follows_vocabulary_size():
+    """Token ids are stored in the smallest unsigned type that fits the vocabulary."""
+    assert [data.token_dtype(v) for v in (256, 257, 65536, 100277)] == [np.uint8, np.uint16, np.uint16, np.uint32]
+
+
+def test_split_is_deterministic_and_cached_as_memmap(tmp_path):
+    """The last 10% of the tokens validate; loading twice gives the same split from the memmap cache."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abcdefghij" * 100)
+    first = data.load_dataset(str(corpus), "bytes", block_size=8)
+    second = data.load_dataset(str(corpus), "bytes", block_size=8)
+    assert isinstance(first.train, np.memmap) and first.train.dtype == np.uint8
+    assert (len(first.train), len(first.val)) == (900, 100)
+    assert np.array_equal(first.val, second.val) and bytes(first.val[:10]) == b"abcdefghij"
+
+
+def test_batches_are_next_token_pairs_at_random_offsets():
+    """y is x shifted by one; different generator states give different windows."""
+    stream = np.arange(1000, dtype=np.uint16)
+    x, y = data.get_batch(stream, 8, 16, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(x + 1, y)
+    assert len(set(x[:, 0].tolist())) > 1
+
+
+def test_default_corpus_is_embedded():
+    """The default corpus ships with Python: no file, no download."""
+    text = data.load_text("python-docs")
+    assert len(text) > 100_000 and "assert" in text
+
+
+# ---------------------------------------------------------------------------------------------------- train.py
+
+def test_training_writes_metrics_and_a_weights_only_checkpoint(tmp_path, capsys):
+    """A short run logs every step and every eval, and its checkpoint loads with weights_only=True."""
+    out = tmp_path / "run"
+    train.main(TINY + ["--nitp", "--max-iters", "6", "--eval-interval", "3", "--out-dir", str(out)])
+    records = read_metrics(out)
+    assert [r["step"] for r in records if not r.get("eval")] == [1, 2, 3, 4, 5, 6]
+    evals = [r for r in records if r.get("eval")]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all(r["val_nitp"] is not None and r["erank"] >= 1 and -1 <= r["anisotropy"] <= 1 for r in evals)
+    assert all({"lm", "nitp", "loss"} <= set(r) for r in records if not r.get("eval"))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["args"]["nitp"] and "versions" in ckpt and ckpt["nitp"] is not None
+    assert "ms/iter" in capsys.readouterr().out
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """Ctrl-C saves a checkpoint; --resume continues with the same per-step losses and the same final
+    weights as a run that was never interrupted."""
+    args = TINY + ["--nitp", "--max-iters", "10", "--eval-interval", "4"]
+    train.main(args + ["--out-dir", str(tmp_path / "a")])
+
+    real_get_batch, calls = train.get_batch, []
+
+    def interrupt_at_step_6(tokens, *rest):
+        calls.append(1)
+        if len(calls) == 2 + 6:  # 2 validation batches, then training batches
+            signal.raise_signal(signal.SIGINT)
+        return real_get_batch(tokens, *rest)
+
+    monkeypatch.setattr(train, "get_batch", interrupt_at_step_6)
+    train.main(args + ["--out-dir", str(tmp_path / "b")])
+    assert "--resume" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 6
+    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    train.main(["--resume", "--out-dir", str(tmp_path / "b")])
+
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run) if not r.get("eval")] for run in "ab"]
+    assert len(losses[0]) == 10 and losses[0] == losses[1]
+    weights = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in "ab"]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+BAD_INPUTS = {
+    "missing corpus": (["--data", "no/such/file.txt"], "not found"),
+    "empty corpus": (["--data", "{empty}"], "empty"),
+    "corpus not UTF-8": (["--data", "{latin1}"], "not UTF-8"),
+    "corpus too short": (["--data", "{short}"], "--block-size"),
+    "n_embd not divisible by n_head": (["--n-embd", "30", "--n-head", "4"], "divisible"),
+    "target layer out of range": (["--nitp", "--n-layer", "2", "--nitp-layer", "2"], "0..1"),
+    "negative lambda": (["--nitp", "--nitp-lambda", "-1"], "lambda"),
+    "bad flag": (["--n-layers", "3"], "unrecognized"),
+    "bad number": (["--max-iters", "0"], "--max-iters"),
+    "resume without checkpoint": (["--resume"], "no checkpoint"),
+    "resume with a damaged checkpoint": (["--resume", "--out-dir", "{damaged}"], "damaged"),
+    "resume with a foreign file": (["--resume", "--out-dir", "{foreign}"], "not a version-1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path, capsys):
+    """Each bad input: exit code 2, one line on stderr that says what to do, no traceback, no output dir."""
+    argv, expected = BAD_INPUTS[case]
+    files = {"empty": "", "latin1": "caf\xe9".encode("latin-1"), "short": "just a few words"}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content.encode() if isinstance(content, str) else content)
+    for name, content in {"damaged": b"PK\x03\x04 truncated", "foreign": None}.items():
+        (tmp_path / name).mkdir()
+        if content is None:
+            torch.save({"some": "thing"}, tmp_path / name / "ckpt.pt")
+        else:
+            (tmp_path / name / "ckpt.pt").write_bytes(content)
+    argv = [a.format(**{n: str(tmp_path / n) for n in [*files, "damaged", "foreign"]}) for a in argv]
+    out_dir = tmp_path / "out"
+    if "--out-dir" not in argv:
+        argv += ["--out-dir", str(out_dir)]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and expected in err and "Traceback" not in err
+    assert not out_dir.exists()
+
+
+def test_resume_with_a_different_model_shape_is_refused(tmp_path, capsys):
+    """A checkpoint from another config cannot be resumed with conflicting flags; the error says which flag."""
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--max-iters", "2", "--out-dir", out])
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", "--out-dir", out, "--n-embd", "64"])
+    assert exit_info.value.code == 2 and "--n-embd 32" in capsys.readouterr().err
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
+def test_unavailable_standard_encoding_names_tiktoken_cache_dir(tmp_path, monkeypatch):
+    """Offline, a standard encoding fails with a message that says how to make it work."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+
+    def offline(url):
+        raise ConnectionError(f"no network for {url}")
+
+    monkeypatch.setattr(tiktoken.load, "read_file", offline)
+    with pytest.raises(data.DataError, match="TIKTOKEN_CACHE_DIR"):
+        data.get_tokenizer("cl100k_base")
+
+
+def test_the_command_line_reports_errors_without_a_traceback(tmp_path):
+    """As a user sees it: `python train.py --data missing.txt` prints one line and exits non-zero."""
+    result = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "missing.txt"),
+                             "--out-dir", str(tmp_path / "out")], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent, env={**os.environ, "NITP_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "not found" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,362 @@
+"""Train a small GPT with next-token prediction (NTP), or with NTP + NITP.
+
+    python train.py            # the NTP baseline
+    python train.py --nitp     # the same run with the NITP loss added
+
+Every run writes OUT_DIR/metrics.jsonl (one line per step, one per eval) and OUT_DIR/ckpt.pt.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+from data import TOKENIZERS, get_batch, load_dataset
+from model import GPT, GPTConfig
+from nitp import HEADS, LOSSES, NITP, NITPConfig, anisotropy, effective_rank, training_loss
+
+CHECKPOINT_VERSION = 1
+# Flags that may differ when resuming: they change how long or where we train, not what is trained.
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "out_dir", "resume"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage; one line that says what to do is enough
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(description="Train a small GPT with NTP, or NTP + NITP.", allow_abbrev=False,
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("NITP")
+    g.add_argument("--nitp", action="store_true", help="add the NITP loss (without it: the NTP baseline)")
+    g.add_argument("--nitp-lambda", type=float, default=1.0, help="λ, the weight of the NITP loss")
+    g.add_argument("--nitp-layer", type=int, default=None,
+                   help="target block k (0 = embeddings); default round(0.2 * n_layer), at least 1")
+    g.add_argument("--nitp-shift", type=int, choices=(1, 0), default=1,
+                   help="ablation: 1 predicts z_{t+1} (NITP), 0 predicts z_t (same position)")
+    g.add_argument("--nitp-no-stopgrad", action="store_true", help="ablation: let gradients flow into the target")
+    g.add_argument("--nitp-head", choices=HEADS, default="swiglu", help="ablation: the projection head P")
+    g.add_argument("--nitp-loss", choices=LOSSES, default="cosine", help="ablation: the distance between P(h) and z")
+    g.add_argument("--nitp-start", type=int, default=0, help="ablation: the step at which the NITP loss switches on")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="python-docs",
+                   help="'python-docs' (embedded), 'shakespeare' (downloaded once) or a path to a UTF-8 text file")
+    g.add_argument("--tokenizer", choices=TOKENIZERS, default="bytes",
+                   help="'bytes' (256 tokens, offline) or a standard tiktoken encoding")
+    g = p.add_argument_group("model")
+    g.add_argument("--n-layer", type=int, default=4, help="number of transformer blocks")
+    g.add_argument("--n-head", type=int, default=4, help="attention heads per block")
+    g.add_argument("--n-embd", type=int, default=128, help="model width d")
+    g.add_argument("--block-size", type=int, default=128, help="context length in tokens")
+    g = p.add_argument_group("training")
+    g.add_argument("--max-iters", type=int, default=600, help="optimizer steps in total")
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate")
+    g.add_argument("--warmup-iters", type=int, default=60, help="steps of linear warm-up before the cosine decay")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--seed", type=int, default=1337, help="seed for the weights and the batch order")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-interval", type=int, default=100, help="evaluate and checkpoint every this many steps")
+    g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+    g.add_argument("--log-interval", type=int, default=20, help="print a progress line every this many steps")
+    g.add_argument("--out-dir", default="out", help="where metrics.jsonl and ckpt.pt go")
+    g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device name")
+    g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+    args.explicit = sorted(a.dest for a in parser._actions if given & set(a.option_strings))
+    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.learning_rate <= 0 or args.warmup_iters < 0 or args.weight_decay < 0 or args.grad_clip < 0:
+        parser.error("--learning-rate must be > 0; --warmup-iters, --weight-decay and --grad-clip >= 0")
+    return args
+
+
+def fail(message: str) -> None:
+    """A user error: one line that says what to do, and a non-zero exit."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu")
+    return device
+
+
+def lr_at(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up to the peak, then cosine decay to a tenth of it at max_iters."""
+    if step < args.warmup_iters:
+        return args.learning_rate * (step + 1) / args.warmup_iters
+    progress = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    min_lr = args.learning_rate / 10
+    return min_lr + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (args.learning_rate - min_lr)
+
+
+def make_optimizer(modules: list[torch.nn.Module], args, device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (2+ dims) only, never on norms and biases."""
+    params = {id(p): p for m in modules for p in m.parameters()}.values()  # the tied weight once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Temp file, flush to disk, rename: a crash at any moment leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(out_dir: str) -> dict:
+    path = Path(out_dir) / "ckpt.pt"
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path} to resume; train without --resume first, or point --out-dir at a run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}): it is damaged or not from "
+                         f"train.py; delete it or pick another --out-dir") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a version-{CHECKPOINT_VERSION} train.py checkpoint; "
+                         f"start a new run in another --out-dir")
+    return ckpt
+
+
+def resume_args(args: argparse.Namespace, ckpt: dict) -> argparse.Namespace:
+    """The run's settings come from the checkpoint; flags given now may only change RESUMABLE settings."""
+    saved = ckpt["args"]
+    for name in args.explicit:
+        if name not in RESUMABLE and getattr(args, name) != saved.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"the checkpoint in {args.out_dir} was trained with {flag} {saved.get(name)}, not "
+                             f"{getattr(args, name)}; drop {flag} to resume, or use a new --out-dir")
+    merged = dict(saved)
+    merged.update({name: getattr(args, name) for name in args.explicit})
+    merged.update(out_dir=args.out_dir, resume=True, explicit=args.explicit)
+    return argparse.Namespace(**merged)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate(model: GPT, nitp: NITP | None, val_batches, autocast) -> dict:
+    """Pure LM validation loss, NITP loss, and the geometry of the last hidden states.
+
+    The metrics use the final hidden states (after ln_f, the LM head's input: the vector NITP trains) of the
+    first, fixed validation batch: B·T states."""
+    model.eval()
+    lm_losses, nitp_losses = [], []
+    for i, (x, y) in enumerate(val_batches):
+        with autocast:
+            out = model(x, y, tap_layer=nitp.layer if nitp else None)
+            lm_losses.append(out.loss.item())
+            if nitp is not None:
+                nitp_losses.append(nitp(out.hidden, out.tapped).item())
+        if i == 0:
+            states = out.hidden.reshape(-1, out.hidden.size(-1))  # (B*T, d)
+            metrics = {"erank": effective_rank(states), "anisotropy": anisotropy(states)}
+    model.train()
+    return {"val_lm": float(np.mean(lm_losses)),
+            "val_nitp": float(np.mean(nitp_losses)) if nitp is not None else None, **metrics}
+
+
+class StopOnSigint:
+    """Ctrl-C asks the loop to stop after the current step, so that the checkpoint is consistent."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def format_time(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def setup(args: argparse.Namespace) -> dict:
+    """Everything that can fail on bad user input, before anything is written. Raises ValueError."""
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.out_dir)
+        args = resume_args(args, ckpt)
+    device = pick_device(args.device)
+    dataset = load_dataset(args.data, args.tokenizer, args.block_size)
+    torch.manual_seed(args.seed)
+    config = GPTConfig(vocab_size=dataset.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                       n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT(config)
+    nitp = None
+    if args.nitp:
+        nitp = NITP(NITPConfig(lam=args.nitp_lambda, layer=args.nitp_layer, shift=args.nitp_shift,
+                               stopgrad=not args.nitp_no_stopgrad, head=args.nitp_head, loss=args.nitp_loss,
+                               start=args.nitp_start), args.n_layer, args.n_embd)
+    model.to(device)
+    if nitp is not None:
+        nitp.to(device)
+    optimizer = make_optimizer([model] + ([nitp] if nitp else []), args, device)
+    batch_rng = torch.Generator().manual_seed(args.seed)
+    start_step = 0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            if nitp is not None:
+                nitp.load_state_dict(ckpt["nitp"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ValueError(f"the checkpoint in {args.out_dir} does not fit this model "
+                             f"({str(e).splitlines()[0][:120]}); start a new run in another --out-dir") from None
+        batch_rng.set_state(ckpt["rng"]["batches"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        start_step = ckpt["step"]
+    return dict(args=args, device=device, dataset=dataset, config=config, model=model, nitp=nitp,
+                optimizer=optimizer, batch_rng=batch_rng, start_step=start_step)
+
+
+def train(args: argparse.Namespace, run: dict) -> None:
+    args, device, dataset = run["args"], run["device"], run["dataset"]
+    model, nitp, optimizer, batch_rng = run["model"], run["nitp"], run["optimizer"], run["batch_rng"]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path, ckpt_path = out_dir / "metrics.jsonl", out_dir / "ckpt.pt"
+    step = run["start_step"]
+    if step == 0:
+        metrics_path.write_text("")
+    else:  # forget what was logged after the checkpoint: those steps are about to be redone
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())  # bf16 on CUDA; fp32 on the CPU, where bf16 is slow
+    compiled = torch.compile(model) if args.compile else model
+
+    val_rng = torch.Generator().manual_seed(0)  # the same validation batches at every eval and in every run
+    val_batches = [tuple(t.to(device) for t in get_batch(dataset.val, args.batch_size, args.block_size, val_rng))
+                   for _ in range(args.eval_iters)]
+    tokens_per_step = args.batch_size * args.grad_accum * args.block_size
+    n_head = sum(p.numel() for p in nitp.parameters()) if nitp else 0
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters"
+          + (f" + NITP head {n_head / 1e6:.2f}M (training only), target block {nitp.layer}" if nitp else "")
+          + f" | {len(dataset.train):,} train / {len(dataset.val):,} val tokens | device {device}")
+
+    def log(record: dict) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "format_version": CHECKPOINT_VERSION, "step": step,
+            "model": model.state_dict(), "nitp": nitp.state_dict() if nitp else None,
+            "optimizer": optimizer.state_dict(),
+            "model_config": asdict(run["config"]), "args": {k: v for k, v in vars(args).items() if k != "explicit"},
+            "rng": {"batches": batch_rng.get_state(), "torch": torch.get_rng_state()},
+            "command": sys.argv, "versions": {"torch": str(torch.__version__), "numpy": np.__version__,
+                                              "tiktoken": tiktoken.__version__, "python": sys.version.split()[0]}})
+
+    def run_eval(step: int) -> None:
+        t0 = time.perf_counter()
+        result = evaluate(compiled, nitp, val_batches, autocast)
+        log({"step": step, "eval": True, **result, "eval_s": time.perf_counter() - t0})
+        val_nitp = f"{result['val_nitp']:.4f}" if result["val_nitp"] is not None else "-"
+        print(f"eval step {step:5d} | val lm {result['val_lm']:.4f} | val nitp {val_nitp} | "
+              f"erank {result['erank']:.1f} | anisotropy {result['anisotropy']:.3f}")
+
+    if step == 0:
+        run_eval(0)
+    t_last, steps_timed = time.perf_counter(), 0
+    with StopOnSigint() as sigint:
+        while step < args.max_iters:
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            parts_sum = {}
+            for _ in range(args.grad_accum):
+                x, y = (t.to(device) for t in get_batch(dataset.train, args.batch_size, args.block_size, batch_rng))
+                with autocast:
+                    loss, parts = training_loss(compiled, nitp, x, y, step)
+                (loss / args.grad_accum).backward()
+                for name, value in [("loss", loss), *parts.items()]:
+                    parts_sum[name] = parts_sum.get(name, 0.0) + value.item() / args.grad_accum
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"] + optimizer.param_groups[1]["params"],
+                                               args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_timed += 1
+            log({"step": step, "lr": lr, **parts_sum})
+
+            if step % args.log_interval == 0 or step == args.max_iters:
+                elapsed = time.perf_counter() - t_last
+                ms = 1000 * elapsed / steps_timed
+                terms = " | ".join(f"{k} {v:.4f}" for k, v in parts_sum.items())
+                print(f"step {step:5d}/{args.max_iters} | {terms} | lr {lr:.2e} | {ms:.0f} ms/iter | "
+                      f"{tokens_per_step * steps_timed / elapsed / 1e3:.1f}k tok/s | "
+                      f"left {format_time(ms / 1000 * (args.max_iters - step))}")
+                t_last, steps_timed = time.perf_counter(), 0
+            if step % args.eval_interval == 0 or step == args.max_iters:
+                run_eval(step)
+                checkpoint(step)
+                t_last, steps_timed = time.perf_counter(), 0
+            if sigint.requested:
+                checkpoint(step)
+                print(f"interrupted: saved step {step} to {ckpt_path}; continue with: "
+                      f"python train.py --resume --out-dir {args.out_dir}")
+                return
+
+    prompt = torch.tensor([dataset.tokenizer.encode_ordinary("\n")], device=device)
+    sample = model.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=50)[0].tolist()
+    print("sample:\n" + dataset.tokenizer.decode(sample, errors="replace"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run = setup(args)
+    except ValueError as e:  # config, data, device and checkpoint problems: the user's to fix
+        fail(str(e))
+    train(run["args"], run)
+
+
+if __name__ == "__main__":
+    main()
