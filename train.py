@@ -254,7 +254,7 @@ def setup(args: argparse.Namespace) -> dict:
                 optimizer=optimizer, batch_rng=batch_rng, start_step=start_step)
 
 
-def train(args: argparse.Namespace, run: dict) -> None:
+def train(run: dict) -> None:
     args, device, dataset = run["args"], run["device"], run["dataset"]
     model, nitp, optimizer, batch_rng = run["model"], run["nitp"], run["optimizer"], run["batch_rng"]
     out_dir = Path(args.out_dir)
@@ -273,6 +273,7 @@ def train(args: argparse.Namespace, run: dict) -> None:
     val_rng = torch.Generator().manual_seed(0)  # the same validation batches at every eval and in every run
     val_batches = [tuple(t.to(device) for t in get_batch(dataset.val, args.batch_size, args.block_size, val_rng))
                    for _ in range(args.eval_iters)]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     tokens_per_step = args.batch_size * args.grad_accum * args.block_size
     n_head = sum(p.numel() for p in nitp.parameters()) if nitp else 0
     print(f"model: {model.num_params() / 1e6:.2f}M parameters"
@@ -318,8 +319,7 @@ def train(args: argparse.Namespace, run: dict) -> None:
                 for name, value in [("loss", loss), *parts.items()]:
                     parts_sum[name] = parts_sum.get(name, 0.0) + value.item() / args.grad_accum
             if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"] + optimizer.param_groups[1]["params"],
-                                               args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         run = setup(args)
     except ValueError as e:  # config, data, device and checkpoint problems: the user's to fix
         fail(str(e))
-    train(run["args"], run)
+    train(run)
 
 
 if __name__ == "__main__":
