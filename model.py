@@ -18,6 +18,13 @@ class GPTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
+    # Mixture-of-Experts (see MoE below). n_expert = 1 is the dense GPT.
+    n_expert: int = 1          # routed experts per MoE layer
+    top_k: int = 1             # experts each token is sent to
+    n_shared: int = 0          # always-on shared experts per MoE layer
+    n_dense_layers: int = 1    # the first blocks keep a dense MLP, as in the paper's models
+    aux_loss_coef: float = 0.01  # weight of the load-balancing loss
+    z_loss_coef: float = 0.0     # weight of the router z-loss
 
     def __post_init__(self):
         checks = [
@@ -26,6 +33,13 @@ class GPTConfig:
             (self.n_layer >= 1, f"n_layer must be at least 1, got {self.n_layer}"),
             (self.n_head >= 1, f"n_head must be at least 1, got {self.n_head}"),
             (self.n_embd >= 1, f"n_embd must be at least 1, got {self.n_embd}"),
+            (self.n_expert >= 1, f"n_expert must be at least 1, got {self.n_expert}"),
+            (1 <= self.top_k <= self.n_expert, f"top_k must be in 1..n_expert={self.n_expert}, got {self.top_k}"),
+            (self.n_shared >= 0, f"n_shared must be >= 0, got {self.n_shared}"),
+            (self.n_dense_layers >= 0, f"n_dense_layers must be >= 0, got {self.n_dense_layers}"),
+            (self.n_expert == 1 or self.n_dense_layers < self.n_layer,
+             f"n_dense_layers ({self.n_dense_layers}) leaves no MoE layer in a {self.n_layer}-layer model"),
+            (self.aux_loss_coef >= 0 and self.z_loss_coef >= 0, "aux_loss_coef and z_loss_coef must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -40,6 +54,8 @@ class GPTOutput:
     loss: torch.Tensor | None           # next-token cross-entropy, if targets were given
     hidden: torch.Tensor                # (B, T, d) final hidden states: the LM head's input (after ln_f)
     tapped: torch.Tensor | None = None  # (B, T, d) output of block `tap_layer` (0 = the embeddings)
+    aux_loss: torch.Tensor | None = None      # MoE only: weighted balancing + z-loss, for training only
+    expert_share: torch.Tensor | None = None  # MoE only: (n_moe_layers, E) fraction of routed slots per expert
 
 
 class CausalSelfAttention(nn.Module):
@@ -70,19 +86,70 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))  # (B, T, d) -> (B, T, 4d) -> (B, T, d)
 
 
+class MoE(nn.Module):
+    """Top-k Mixture-of-Experts: a router sends each token to k of E expert MLPs, plus S shared experts.
+
+    Dropless: every token reaches its k experts (no capacity limit). Each expert runs only on the tokens
+    routed to it, so the cost grows with k, not with E."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.top_k = config.top_k
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.shared = nn.ModuleList(MLP(config) for _ in range(config.n_shared))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, d) tokens. Returns the router logits and probabilities (N, E), and each token's k experts
+        with their gate weights (N, k)."""
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        probs = logits.softmax(dim=-1)                       # (N, E) softmax over all experts
+        gates, chosen = probs.topk(self.top_k, dim=-1)       # (N, k), (N, k)
+        # Renormalizing the k probabilities equals a softmax over the k chosen logits.
+        gates = gates / gates.sum(dim=-1, keepdim=True)      # (N, k), each row sums to 1
+        return logits, probs, gates, chosen
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        B, T, d = x.shape
+        x = x.reshape(B * T, d)                              # (N, d) tokens
+        logits, probs, gates, chosen = self.route(x)
+        out = torch.zeros_like(x)                            # (N, d)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)  # (n_e,), (n_e,) tokens routed to e
+            if token.numel() > 0:
+                y = expert(x[token]) * gates[token, slot, None]  # (n_e, d)
+                out.index_add_(0, token, y.to(out.dtype))
+        for expert in self.shared:
+            out = out + expert(x)
+
+        # Load balancing (Switch / Mixtral): E · sum_i f_i · P_i, where f_i is the fraction of the N·k routed
+        # slots that went to expert i and P_i the mean router probability of expert i. Uniform routing
+        # gives 1; everything on one expert gives E. f is a count (no gradient); P carries it to the router.
+        n_expert = probs.size(1)
+        share = torch.bincount(chosen.flatten(), minlength=n_expert).float() / chosen.numel()  # (E,) f
+        balance = n_expert * (share * probs.mean(dim=0)).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()  # keeps router logits small (ST-MoE)
+        return out.view(B, T, d), {"balance": balance, "z": z_loss, "share": share}
+
+
 class Block(nn.Module):
     """Pre-LN: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, moe: bool = False):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if moe else MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
+        """Returns the new residual stream, and the router's statistics if this is an MoE block."""
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        if isinstance(self.mlp, MoE):
+            y, router_stats = self.mlp(self.ln_2(x))
+            return x + y, router_stats
+        return x + self.mlp(self.ln_2(x)), None
 
 
 class GPT(nn.Module):
@@ -91,7 +158,8 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embeddings
         self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, moe=config.n_expert > 1 and i >= config.n_dense_layers)
+                                    for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
@@ -108,8 +176,15 @@ class GPT(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # the tied weight is counted once
+    def num_params(self, active: bool = False) -> int:
+        """All parameters (the tied weight once), or only those one token uses: k of the E routed experts."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            for block in self.blocks:
+                if isinstance(block.mlp, MoE):
+                    unused = len(block.mlp.experts) - block.mlp.top_k
+                    total -= unused * sum(p.numel() for p in block.mlp.experts[0].parameters())
+        return total
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 tap_layer: int | None = None) -> GPTOutput:
@@ -121,8 +196,11 @@ class GPT(nn.Module):
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, d)
         tapped = x if tap_layer == 0 else None
+        router_stats = []
         for layer, block in enumerate(self.blocks, start=1):
-            x = block(x)  # (B, T, d)
+            x, stats = block(x)  # (B, T, d)
+            if stats is not None:
+                router_stats.append(stats)
             if layer == tap_layer:
                 tapped = x
         hidden = self.ln_f(x)           # (B, T, d)
@@ -130,7 +208,13 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T))
-        return GPTOutput(logits, loss, hidden, tapped)
+        out = GPTOutput(logits, loss, hidden, tapped)
+        if router_stats:  # averaged over the MoE layers; kept out of `loss`, which stays the pure LM loss
+            c = self.config
+            out.aux_loss = (c.aux_loss_coef * torch.stack([s["balance"] for s in router_stats]).mean()
+                            + c.z_loss_coef * torch.stack([s["z"] for s in router_stats]).mean())
+            out.expert_share = torch.stack([s["share"] for s in router_stats]).detach()
+        return out
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

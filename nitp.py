@@ -119,7 +119,7 @@ class NITP(nn.Module):
 
 def training_loss(model: nn.Module, nitp: NITP | None, x: torch.Tensor, y: torch.Tensor,
                   step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One training step's loss, from ONE backbone pass: L_NTP + λ · L_NITP.
+    """One training step's loss, from ONE backbone pass: L_NTP + λ · L_NITP (+ the MoE auxiliary loss).
 
     Returns the total (to backpropagate) and its parts (to log). With nitp=None this is plain NTP."""
     use_nitp = nitp is not None and step >= nitp.config.start
@@ -129,6 +129,9 @@ def training_loss(model: nn.Module, nitp: NITP | None, x: torch.Tensor, y: torch
     if use_nitp:
         parts["nitp"] = nitp(out.hidden, out.tapped)
         total = total + nitp.config.lam * parts["nitp"]
+    if out.aux_loss is not None:  # MoE models: router load balancing, already weighted
+        parts["moe_aux"] = out.aux_loss
+        total = total + out.aux_loss
     return total, parts
 
 

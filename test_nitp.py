@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import data
 import train
-from model import GPT, GPTConfig
+from model import GPT, MLP, GPTConfig, MoE
 from nitp import NITP, NITPConfig, anisotropy, default_layer, effective_rank, training_loss
 
 SHARED = Path(__file__).resolve().parent.parent / "shared"
@@ -226,13 +226,12 @@ def test_embeddings_are_tied_and_residual_projections_scaled():
     assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
 
 
-def test_a_tiny_model_overfits_a_tiny_batch_with_nitp_on():
-    """Both losses fall on one repeated batch: the LM loss to near zero, and the NITP loss well below its start."""
-    model, nitp = tiny_model(n_layer=2), tiny_nitp(n_layer=2)
+def assert_overfits_one_batch(model, nitp, steps=300):
+    """Train on one repeated batch: the LM loss must reach near zero and the NITP loss fall to a quarter."""
     idx, targets = tokens(B=2, T=16), tokens(B=2, T=16, seed=1)
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(nitp.parameters()), lr=1e-2, weight_decay=0)
     first = None
-    for _ in range(300):
+    for _ in range(steps):
         loss, parts = training_loss(model, nitp, idx, targets)
         first = first or {k: v.item() for k, v in parts.items()}
         optimizer.zero_grad()
@@ -240,6 +239,12 @@ def test_a_tiny_model_overfits_a_tiny_batch_with_nitp_on():
         optimizer.step()
     assert parts["lm"].item() < 0.05 < first["lm"]
     assert parts["nitp"].item() < 0.25 * first["nitp"]
+
+
+def test_a_tiny_model_overfits_a_tiny_batch_with_nitp_on():
+    """Both losses fall on one repeated batch: the LM loss to near zero, and the NITP loss well below its start."""
+    model, nitp = tiny_model(n_layer=2), tiny_nitp(n_layer=2)
+    assert_overfits_one_batch(model, nitp)
 
 
 def test_generate_extends_the_sequence_and_never_touches_the_nitp_head():
@@ -259,6 +264,129 @@ def test_config_validation():
     for make, message in cases:
         with pytest.raises(ValueError, match=message):
             make()
+
+
+# ---------------------------------------------------------------------------------------------------- MoE
+
+def moe_layer(n_expert=4, top_k=2, n_shared=0, seed=0) -> MoE:
+    torch.manual_seed(seed)
+    return MoE(GPTConfig(n_embd=16, n_head=2, n_expert=n_expert, top_k=top_k, n_shared=n_shared))
+
+
+def dense_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, weighted by its gate, with zero gate outside the token's top-k."""
+    flat = x.reshape(-1, x.size(-1))                                            # (N, d)
+    _, _, gates, chosen = moe.route(flat)
+    full_gates = torch.zeros(flat.size(0), len(moe.experts)).scatter(1, chosen, gates)  # (N, E)
+    all_outputs = torch.stack([expert(flat) for expert in moe.experts], dim=1)        # (N, E, d)
+    out = (full_gates.unsqueeze(-1) * all_outputs).sum(dim=1)
+    out = out + sum((expert(flat) for expert in moe.shared), torch.zeros_like(flat))
+    return out.view_as(x)
+
+
+@pytest.mark.parametrize("n_expert,top_k,n_shared", [(4, 1, 0), (4, 2, 1), (8, 2, 0), (4, 4, 0)])
+def test_moe_equals_the_dense_reference(n_expert, top_k, n_shared):
+    """Grouped dispatch gives the same output as running every expert on every token (k = E included)."""
+    moe = moe_layer(n_expert, top_k, n_shared)
+    x = torch.randn(3, 10, 16)
+    out, _ = moe(x)
+    assert torch.allclose(out, dense_reference(moe, x), atol=1e-5)
+
+
+def test_gates_are_non_negative_and_sum_to_one():
+    """Each token's k gate weights are a distribution over its chosen experts."""
+    _, _, gates, chosen = moe_layer(8, 3).route(torch.randn(50, 16))
+    assert gates.shape == chosen.shape == (50, 3)
+    assert (gates >= 0).all() and torch.allclose(gates.sum(dim=-1), torch.ones(50))
+    assert all(len(set(row)) == 3 for row in chosen.tolist())  # k distinct experts per token
+
+
+def test_each_expert_runs_only_on_its_tokens():
+    """The experts together process N·k token rows: cost grows with k, not with E."""
+    for n_expert, top_k in [(4, 1), (16, 1), (16, 2)]:
+        moe = moe_layer(n_expert, top_k)
+        rows = []
+        for expert in moe.experts:
+            expert.register_forward_hook(lambda m, inputs, output: rows.append(inputs[0].size(0)))
+        moe(torch.randn(2, 10, 16))
+        assert sum(rows) == 20 * top_k
+
+
+def test_balancing_loss_is_one_when_uniform_and_larger_when_collapsed():
+    """E · Σ f_i P_i: a router with equal probabilities gives exactly 1; one expert taking every token gives ≈ E."""
+    moe = moe_layer(n_expert=4, top_k=1)
+    x = torch.rand(2, 10, 16) + 0.1  # all features positive
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    assert moe(x)[1]["balance"].item() == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        moe.router.weight[0] = 10.0  # expert 0 wins every token, with probability ≈ 1
+    stats = moe(x)[1]
+    assert stats["share"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert stats["balance"].item() == pytest.approx(4.0, rel=1e-3)
+
+
+def test_gradients_reach_the_router_and_every_selected_expert():
+    """The output's gradient reaches the router (through the gates) and each expert that got tokens, only those."""
+    moe = moe_layer(n_expert=8, top_k=2)
+    out, stats = moe(torch.randn(1, 3, 16))  # 3 tokens x 2 slots: at most 6 of 8 experts are used
+    out.pow(2).sum().backward()
+    assert moe.router.weight.grad.abs().max() > 0
+    for used, expert in zip((stats["share"] > 0).tolist(), moe.experts):
+        got_grad = expert.up.weight.grad is not None and expert.up.weight.grad.abs().max() > 0
+        assert got_grad == used
+
+
+def test_one_expert_behaves_as_the_dense_mlp():
+    """E = 1: every token goes to the single expert with gate 1, so the layer is that MLP; and a GPT with
+    n_expert=1 has no MoE layer at all."""
+    moe = moe_layer(n_expert=1, top_k=1)
+    x = torch.randn(2, 5, 16)
+    assert torch.allclose(moe(x)[0], moe.experts[0](x), atol=1e-6)
+    model = tiny_model()
+    assert not any(isinstance(m, MoE) for m in model.modules())
+    assert model(tokens()).aux_loss is None
+
+
+def test_moe_model_layout_and_active_parameters():
+    """The first n_dense_layers blocks stay dense; active parameters count k of E routed experts."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16, n_expert=4, top_k=1,
+                          n_shared=1, n_dense_layers=1))
+    assert [isinstance(b.mlp, MoE) for b in model.blocks] == [False, True, True]
+    expert = 8 * 16 * 16  # up and down, d x 4d each
+    assert model.num_params() - model.num_params(active=True) == 2 * 3 * expert
+
+
+def test_invalid_moe_settings_are_refused():
+    """k < 1, k > E, S < 0, or no MoE layer left give a clear ValueError."""
+    for kwargs, message in [(dict(n_expert=4, top_k=0), "top_k"), (dict(n_expert=4, top_k=5), "top_k"),
+                            (dict(n_expert=4, top_k=1, n_shared=-1), "n_shared"),
+                            (dict(n_expert=4, top_k=1, n_layer=2, n_dense_layers=2), "no MoE layer")]:
+        with pytest.raises(ValueError, match=message):
+            GPTConfig(**kwargs)
+
+
+def test_moe_aux_loss_stays_out_of_the_lm_loss():
+    """For an MoE model the LM loss is the pure cross-entropy; the aux loss is reported apart and added to the
+    training total only."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, n_expert=4, top_k=2,
+                          aux_loss_coef=0.5))
+    idx, targets = tokens(), tokens(seed=1)
+    out = model(idx, targets)
+    assert torch.allclose(out.loss, F.cross_entropy(out.logits.reshape(-1, 50), targets.reshape(-1)))
+    total, parts = training_loss(model, tiny_nitp(n_layer=2), idx, targets)
+    assert set(parts) == {"lm", "nitp", "moe_aux"} and parts["moe_aux"].item() >= 0.5  # balance >= 1
+    assert total.item() == pytest.approx(sum(p.item() for p in parts.values()), rel=1e-6)
+
+
+def test_a_tiny_moe_model_with_nitp_overfits_a_tiny_batch():
+    """NITP works unchanged on an MoE model: both losses fall on one repeated batch."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, n_expert=4, top_k=2))
+    nitp = tiny_nitp(n_layer=2)
+    assert_overfits_one_batch(model, nitp)
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -330,6 +458,19 @@ def test_training_writes_metrics_and_a_weights_only_checkpoint(tmp_path, capsys)
     assert "ms/iter" in capsys.readouterr().out
 
 
+def test_moe_training_logs_the_aux_loss_and_expert_shares(tmp_path, capsys):
+    """With --n-expert, every step logs the MoE aux loss apart, and every eval logs each expert's share."""
+    out = tmp_path / "moe"
+    train.main(TINY + ["--nitp", "--n-expert", "4", "--top-k", "2", "--max-iters", "2", "--eval-interval", "2",
+                       "--out-dir", str(out)])
+    records = read_metrics(out)
+    assert all({"lm", "nitp", "moe_aux"} <= set(r) for r in records if not r.get("eval"))
+    evals = [r for r in records if r.get("eval")]
+    assert all(len(r["expert_share"]) == 1 and len(r["expert_share"][0]) == 4 and r["max_load"] >= 1 for r in evals)
+    printed = capsys.readouterr().out
+    assert "-A" in printed.splitlines()[0] and "busiest expert" in printed
+
+
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
     """Ctrl-C saves a checkpoint; --resume continues with the same per-step losses and the same final
     weights as a run that was never interrupted."""
@@ -366,6 +507,7 @@ BAD_INPUTS = {
     "target layer out of range": (["--nitp", "--n-layer", "2", "--nitp-layer", "2"], "0..1"),
     "negative lambda": (["--nitp", "--nitp-lambda", "-1"], "lambda"),
     "bad flag": (["--n-layers", "3"], "unrecognized"),
+    "top-k above the number of experts": (["--n-expert", "4", "--top-k", "5"], "top_k"),
     "bad number": (["--max-iters", "0"], "--max-iters"),
     "resume without checkpoint": (["--resume"], "no checkpoint"),
     "resume with a damaged checkpoint": (["--resume", "--out-dir", "{damaged}"], "damaged"),

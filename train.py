@@ -58,6 +58,13 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-head", type=int, default=4, help="attention heads per block")
     g.add_argument("--n-embd", type=int, default=128, help="model width d")
     g.add_argument("--block-size", type=int, default=128, help="context length in tokens")
+    g = p.add_argument_group("mixture of experts")
+    g.add_argument("--n-expert", type=int, default=1, help="routed experts per MoE layer (1 = dense MLP)")
+    g.add_argument("--top-k", type=int, default=1, help="experts each token is routed to")
+    g.add_argument("--n-shared", type=int, default=0, help="always-on shared experts per MoE layer")
+    g.add_argument("--n-dense-layers", type=int, default=1, help="first blocks that stay dense when --n-expert > 1")
+    g.add_argument("--aux-loss-coef", type=float, default=0.01, help="weight of the load-balancing loss")
+    g.add_argument("--z-loss-coef", type=float, default=0.0, help="weight of the router z-loss (0 = off)")
     g = p.add_argument_group("training")
     g.add_argument("--max-iters", type=int, default=600, help="optimizer steps in total")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
@@ -179,19 +186,33 @@ def evaluate(model: GPT, nitp: NITP | None, val_batches, autocast) -> dict:
     The metrics use the final hidden states (after ln_f, the LM head's input: the vector NITP trains) of the
     first, fixed validation batch: B·T states."""
     model.eval()
-    lm_losses, nitp_losses = [], []
+    lm_losses, nitp_losses, expert_shares = [], [], []
     for i, (x, y) in enumerate(val_batches):
         with autocast:
             out = model(x, y, tap_layer=nitp.layer if nitp else None)
             lm_losses.append(out.loss.item())
             if nitp is not None:
                 nitp_losses.append(nitp(out.hidden, out.tapped).item())
+        if out.expert_share is not None:
+            expert_shares.append(out.expert_share)  # (n_moe_layers, E)
         if i == 0:
             states = out.hidden.reshape(-1, out.hidden.size(-1))  # (B*T, d)
             metrics = {"erank": effective_rank(states), "anisotropy": anisotropy(states)}
     model.train()
+    if expert_shares:  # each expert's share of the routed slots, per MoE layer; ideal is 1/E each
+        share = torch.stack(expert_shares).mean(dim=0)  # (n_moe_layers, E)
+        metrics["expert_share"] = share.tolist()
+        metrics["max_load"] = (share.max() * share.size(1)).item()  # busiest expert / ideal: 1 = balanced
     return {"val_lm": float(np.mean(lm_losses)),
             "val_nitp": float(np.mean(nitp_losses)) if nitp is not None else None, **metrics}
+
+
+def param_name(model: GPT) -> str:
+    """Size as the paper names its models: total parameters, and active ones per token for MoE ("1.9B-A0.3B")."""
+    def short(n: int) -> str:
+        return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+    total, active = model.num_params(), model.num_params(active=True)
+    return short(total) if total == active else f"{short(total)}-A{short(active)}"
 
 
 class StopOnSigint:
@@ -225,7 +246,9 @@ def setup(args: argparse.Namespace) -> dict:
     dataset = load_dataset(args.data, args.tokenizer, args.block_size)
     torch.manual_seed(args.seed)
     config = GPTConfig(vocab_size=dataset.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd)
+                       n_head=args.n_head, n_embd=args.n_embd, n_expert=args.n_expert, top_k=args.top_k,
+                       n_shared=args.n_shared, n_dense_layers=args.n_dense_layers,
+                       aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef)
     model = GPT(config)
     nitp = None
     if args.nitp:
@@ -276,7 +299,7 @@ def train(run: dict) -> None:
     params = [p for group in optimizer.param_groups for p in group["params"]]
     tokens_per_step = args.batch_size * args.grad_accum * args.block_size
     n_head = sum(p.numel() for p in nitp.parameters()) if nitp else 0
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters"
+    print(f"model: {param_name(model)} parameters"
           + (f" + NITP head {n_head / 1e6:.2f}M (training only), target block {nitp.layer}" if nitp else "")
           + f" | {len(dataset.train):,} train / {len(dataset.val):,} val tokens | device {device}")
 
@@ -301,6 +324,10 @@ def train(run: dict) -> None:
         val_nitp = f"{result['val_nitp']:.4f}" if result["val_nitp"] is not None else "-"
         print(f"eval step {step:5d} | val lm {result['val_lm']:.4f} | val nitp {val_nitp} | "
               f"erank {result['erank']:.1f} | anisotropy {result['anisotropy']:.3f}")
+        for layer, share in enumerate(result.get("expert_share", [])):
+            print(f"  MoE layer {layer + 1}: expert shares " + " ".join(f"{100 * s:.0f}%" for s in share))
+        if "max_load" in result:
+            print(f"  routing balance: busiest expert gets {result['max_load']:.2f}x its fair share (1.00 = even)")
 
     if step == 0:
         run_eval(0)
