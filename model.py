@@ -114,21 +114,23 @@ class MoE(nn.Module):
         B, T, d = x.shape
         x = x.reshape(B * T, d)                              # (N, d) tokens
         logits, probs, gates, chosen = self.route(x)
-        out = torch.zeros_like(x)                            # (N, d)
-        for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)  # (n_e,), (n_e,) tokens routed to e
-            if token.numel() > 0:
-                y = expert(x[token]) * gates[token, slot, None]  # (n_e, d)
-                out.index_add_(0, token, y.to(out.dtype))
+        # Group the N·k routed slots by expert, run each expert once on its own tokens, scatter back.
+        slot_expert = chosen.flatten()                            # (N·k,) the expert of each slot
+        order = slot_expert.argsort(stable=True)                  # (N·k,) slots sorted by expert
+        counts = torch.bincount(slot_expert, minlength=len(self.experts))  # (E,) tokens per expert
+        token = order // self.top_k                               # (N·k,) the token of each sorted slot
+        chunks = x[token].split(counts.tolist())                  # E pieces of (n_e, d)
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (N·k, d)
+        y = y * gates.flatten()[order, None]                      # weight by the gate
+        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # (N, d) sum of each token's k experts
         for expert in self.shared:
             out = out + expert(x)
 
         # Load balancing (Switch / Mixtral): E · sum_i f_i · P_i, where f_i is the fraction of the N·k routed
         # slots that went to expert i and P_i the mean router probability of expert i. Uniform routing
         # gives 1; everything on one expert gives E. f is a count (no gradient); P carries it to the router.
-        n_expert = probs.size(1)
-        share = torch.bincount(chosen.flatten(), minlength=n_expert).float() / chosen.numel()  # (E,) f
-        balance = n_expert * (share * probs.mean(dim=0)).sum()
+        share = counts.float() / slot_expert.numel()              # (E,) f
+        balance = len(self.experts) * (share * probs.mean(dim=0)).sum()
         z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()  # keeps router logits small (ST-MoE)
         return out.view(B, T, d), {"balance": balance, "z": z_loss, "share": share}
 
