@@ -173,6 +173,80 @@ def test_layer_zero_targets_the_embeddings():
     assert torch.equal(out.tapped, expected)
 
 
+# ---------------------------------------------------------------------------------------------------- ablations
+
+def test_nitp_layer_selects_which_block_output_is_the_target():
+    """--nitp-layer k: the target is the output of block k (1-based), from the same pass."""
+    model = tiny_model()
+    seen = []
+    model.blocks[2].register_forward_hook(lambda m, i, o: seen.append(o[0]))
+    out = model(tokens(), tap_layer=3)
+    assert torch.equal(out.tapped, seen[0])
+    assert tiny_nitp(layer=3).layer == 3
+
+
+def test_shift_zero_pairs_each_position_with_itself():
+    """--nitp-shift 0: T terms, and the term at t moves only when z_t moves."""
+    model, nitp = tiny_model(), tiny_nitp(shift=0)
+    out = model(tokens(), tap_layer=nitp.layer)
+    before = nitp.distances(out.hidden, out.tapped)
+    z = out.tapped.clone()
+    z[:, 4] += 1.0
+    moved = (before - nitp.distances(out.hidden, z)).abs().amax(dim=0) > 1e-6
+    assert before.shape == (3, 12) and moved.nonzero().flatten().tolist() == [4]
+
+
+def test_no_stopgrad_lets_gradient_reach_the_target_path():
+    """--nitp-no-stopgrad: layers <= k also get gradient through z, so their NITP gradient changes; layers
+    above k are reached only through h and do not change."""
+    model, idx = tiny_model(), tokens()
+    with_sg = backbone_grads(model, tiny_nitp(), idx)
+    without_sg = backbone_grads(model, tiny_nitp(stopgrad=False), idx)
+    assert not torch.allclose(with_sg["blocks.0.mlp.up.weight"], without_sg["blocks.0.mlp.up.weight"])
+    assert torch.allclose(with_sg["blocks.3.mlp.up.weight"], without_sg["blocks.3.mlp.up.weight"])
+
+
+@pytest.mark.parametrize("head,n_weights", [("swiglu", 12 * 16 * 16), ("linear", 16 * 16), ("none", 0)])
+def test_head_choice_sets_the_projection(head, n_weights):
+    """--nitp-head: SwiGLU (12d² weights), one d x d matrix, or none (h_t compared with z_{t+1} directly)."""
+    nitp = tiny_nitp(head=head)
+    assert sum(p.numel() for p in nitp.parameters()) == n_weights
+    if head == "none":
+        h, z = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+        expected = 1 - F.cosine_similarity(h[:, :-1], z[:, 1:], dim=-1)
+        assert torch.allclose(nitp.distances(h, z), expected)
+
+
+@pytest.mark.parametrize("loss,reference", [("mse", F.mse_loss), ("smooth_l1", F.smooth_l1_loss)])
+def test_loss_choice_sets_the_distance(loss, reference):
+    """--nitp-loss mse / smooth_l1: the same pairs (P(h_t), z_{t+1}), another distance on the raw vectors."""
+    nitp = tiny_nitp(loss=loss)
+    h, z = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    assert torch.allclose(nitp(h, z), reference(nitp.head(h[:, :-1]), z[:, 1:]), atol=1e-6)
+
+
+def test_nitp_start_switches_the_loss_on_at_that_step():
+    """--nitp-start S: before step S the loss is plain NTP and the head gets no gradient; from S on it is NITP."""
+    model, nitp = tiny_model(), tiny_nitp(start=5)
+    idx, targets = tokens(), tokens(seed=1)
+    for step, expect_nitp in [(4, False), (5, True)]:
+        nitp.zero_grad()
+        loss, parts = training_loss(model, nitp, idx, targets, step=step)
+        loss.backward()
+        assert ("nitp" in parts) == expect_nitp
+        assert (nitp.head.down.weight.grad is not None) == expect_nitp
+
+
+def test_ablation_flags_reach_the_nitp_config(tmp_path):
+    """Each --nitp-* flag of train.py sets exactly its field of NITPConfig."""
+    args = train.parse_args(TINY + ["--nitp", "--nitp-lambda", "0.5", "--nitp-layer", "0", "--nitp-shift", "0",
+                                    "--nitp-no-stopgrad", "--nitp-head", "linear", "--nitp-loss", "mse",
+                                    "--nitp-start", "7", "--out-dir", str(tmp_path)])
+    config = train.setup(args)["nitp"].config
+    assert config == NITPConfig(lam=0.5, layer=0, shift=0, stopgrad=False, head="linear", loss="mse", start=7)
+    assert train.setup(train.parse_args(TINY + ["--nitp"]))["nitp"].config == NITPConfig()
+
+
 # ---------------------------------------------------------------------------------------------------- metrics
 
 def test_effective_rank_of_isotropic_gaussian_states_is_close_to_d():
