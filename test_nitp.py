@@ -560,8 +560,9 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
         return real_get_batch(tokens, *rest)
 
     monkeypatch.setattr(train, "get_batch", interrupt_at_step_6)
-    train.main(args + ["--out-dir", str(tmp_path / "b")])
-    assert "--resume" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(args + ["--out-dir", str(tmp_path / "b")])
+    assert exit_info.value.code == 130 and "--resume" in capsys.readouterr().out
     assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 6
     monkeypatch.setattr(train, "get_batch", real_get_batch)
     train.main(["--resume", "--out-dir", str(tmp_path / "b")])
@@ -570,6 +571,50 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
     assert len(losses[0]) == 10 and losses[0] == losses[1]
     weights = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in "ab"]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_compare_starts_both_runs_from_the_same_weights_and_batches(tmp_path, monkeypatch, capsys):
+    """--compare: the NTP and NITP runs begin with identical backbone weights and see identical batches."""
+    real_setup, real_get_batch = train.setup, train.get_batch
+    initial_weights, batches = [], []
+
+    def recording_setup(args):
+        run = real_setup(args)
+        if "seed" in Path(args.out_dir).name:  # the two training runs, not main()'s up-front check
+            initial_weights.append({k: v.clone() for k, v in run["model"].state_dict().items()})
+            batches.append([])
+        return run
+
+    def recording_get_batch(*a):
+        x, y = real_get_batch(*a)
+        if batches:
+            batches[-1].append(x.clone())
+        return x, y
+
+    monkeypatch.setattr(train, "setup", recording_setup)
+    monkeypatch.setattr(train, "get_batch", recording_get_batch)
+    train.main(TINY + ["--compare", "--max-iters", "4", "--eval-interval", "2", "--out-dir", str(tmp_path)])
+    ntp, nitp = initial_weights
+    assert ntp.keys() == nitp.keys() and all(torch.equal(ntp[k], nitp[k]) for k in ntp)
+    assert len(batches[0]) == 2 + 4 and all(torch.equal(a, b) for a, b in zip(*batches))
+    printed = capsys.readouterr().out
+    assert "step 2" in printed and "delta" in printed
+
+
+def test_compare_with_seeds_writes_its_summary(tmp_path, capsys):
+    """--compare --seeds 2 finishes, writes both runs' metrics per seed and a summary with mean ± std of each
+    delta and whether it beats the seed-to-seed spread."""
+    train.main(TINY + ["--compare", "--seeds", "2", "--max-iters", "3", "--eval-interval", "3",
+                       "--out-dir", str(tmp_path)])
+    for run in ("seed1337-ntp", "seed1337-nitp", "seed1338-ntp", "seed1338-nitp"):
+        assert any(r.get("eval") for r in read_metrics(tmp_path / run))
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["seeds"] == [1337, 1338]
+    assert {"val_lm", "erank", "anisotropy", "ms_per_iter"} <= set(result["summary"])
+    erank = result["summary"]["erank"]
+    assert erank["delta_std"] is not None and isinstance(erank["larger_than_spread"], bool)
+    assert erank["delta_mean"] == pytest.approx(np.mean(np.array(erank["nitp"]) - np.array(erank["ntp"])))
+    assert "summary" in capsys.readouterr().out
 
 
 BAD_INPUTS = {

@@ -22,6 +22,7 @@ import torch
 
 from data import TOKENIZERS, get_batch, load_dataset
 from model import GPT, GPTConfig
+from compare import compare
 from nitp import HEADS, LOSSES, NITP, NITPConfig, anisotropy, effective_rank, training_loss
 
 CHECKPOINT_VERSION = 1
@@ -80,6 +81,10 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=20, help="print a progress line every this many steps")
     g.add_argument("--out-dir", default="out", help="where metrics.jsonl and ckpt.pt go")
     g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir")
+    g = p.add_argument_group("the NTP vs NITP experiment (compare.py)")
+    g.add_argument("--compare", action="store_true",
+                   help="train NTP and NITP from the same weights on the same batches, and compare them")
+    g.add_argument("--seeds", type=int, default=1, help="with --compare: repeat for this many seeds, from --seed")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device name")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
@@ -92,7 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
     args.explicit = sorted(a.dest for a in parser._actions if given & set(a.option_strings))
-    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+    if args.compare and args.resume:
+        parser.error("--compare starts fresh runs; it cannot --resume")
+    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "seeds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.learning_rate <= 0 or args.warmup_iters < 0 or args.weight_decay < 0 or args.grad_clip < 0:
@@ -277,7 +284,8 @@ def setup(args: argparse.Namespace) -> dict:
                 optimizer=optimizer, batch_rng=batch_rng, start_step=start_step)
 
 
-def train(run: dict) -> None:
+def train(run: dict, on_eval=None) -> list[dict]:
+    """Train to args.max_iters; returns the evaluation records. on_eval(record) is called after each one."""
     args, device, dataset = run["args"], run["device"], run["dataset"]
     model, nitp, optimizer, batch_rng = run["model"], run["nitp"], run["optimizer"], run["batch_rng"]
     out_dir = Path(args.out_dir)
@@ -317,10 +325,16 @@ def train(run: dict) -> None:
             "command": sys.argv, "versions": {"torch": str(torch.__version__), "numpy": np.__version__,
                                               "tiktoken": tiktoken.__version__, "python": sys.version.split()[0]}})
 
+    evals, step_ms = [], []  # step_ms: the duration of each training step since the last evaluation
+
     def run_eval(step: int) -> None:
         t0 = time.perf_counter()
         result = evaluate(compiled, nitp, val_batches, autocast)
-        log({"step": step, "eval": True, **result, "eval_s": time.perf_counter() - t0})
+        result = {"step": step, "eval": True, **result, "eval_s": time.perf_counter() - t0,
+                  "ms_per_iter": float(np.mean(step_ms)) if step_ms else None}
+        step_ms.clear()
+        log(result)
+        evals.append(result)
         val_nitp = f"{result['val_nitp']:.4f}" if result["val_nitp"] is not None else "-"
         print(f"eval step {step:5d} | val lm {result['val_lm']:.4f} | val nitp {val_nitp} | "
               f"erank {result['erank']:.1f} | anisotropy {result['anisotropy']:.3f}")
@@ -328,12 +342,14 @@ def train(run: dict) -> None:
             print(f"  MoE layer {layer + 1}: expert shares " + " ".join(f"{100 * s:.0f}%" for s in share))
         if "max_load" in result:
             print(f"  routing balance: busiest expert gets {result['max_load']:.2f}x its fair share (1.00 = even)")
+        if on_eval is not None:
+            on_eval(result)
 
     if step == 0:
         run_eval(0)
-    t_last, steps_timed = time.perf_counter(), 0
     with StopOnSigint() as sigint:
         while step < args.max_iters:
+            t_step = time.perf_counter()
             lr = lr_at(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -350,39 +366,39 @@ def train(run: dict) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            steps_timed += 1
-            log({"step": step, "lr": lr, **parts_sum})
+            step_ms.append(1000 * (time.perf_counter() - t_step))  # .item() above waited for the device
+            log({"step": step, "lr": lr, **parts_sum, "ms": step_ms[-1]})
 
             if step % args.log_interval == 0 or step == args.max_iters:
-                elapsed = time.perf_counter() - t_last
-                ms = 1000 * elapsed / steps_timed
+                ms = float(np.mean(step_ms[-args.log_interval:]))
                 terms = " | ".join(f"{k} {v:.4f}" for k, v in parts_sum.items())
                 print(f"step {step:5d}/{args.max_iters} | {terms} | lr {lr:.2e} | {ms:.0f} ms/iter | "
-                      f"{tokens_per_step * steps_timed / elapsed / 1e3:.1f}k tok/s | "
-                      f"left {format_time(ms / 1000 * (args.max_iters - step))}")
-                t_last, steps_timed = time.perf_counter(), 0
+                      f"{tokens_per_step / ms:.1f}k tok/s | left {format_time(ms / 1000 * (args.max_iters - step))}")
             if step % args.eval_interval == 0 or step == args.max_iters:
                 run_eval(step)
                 checkpoint(step)
-                t_last, steps_timed = time.perf_counter(), 0
             if sigint.requested:
                 checkpoint(step)
                 print(f"interrupted: saved step {step} to {ckpt_path}; continue with: "
                       f"python train.py --resume --out-dir {args.out_dir}")
-                return
+                sys.exit(130)  # the shell's code for Ctrl-C: a caller (--compare, a script) must not go on
 
     prompt = torch.tensor([dataset.tokenizer.encode_ordinary("\n")], device=device)
     sample = model.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=50)[0].tolist()
     print("sample:\n" + dataset.tokenizer.decode(sample, errors="replace"))
+    return evals
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        run = setup(args)
+        run = setup(argparse.Namespace(**{**vars(args), "nitp": args.nitp or args.compare}))
     except ValueError as e:  # config, data, device and checkpoint problems: the user's to fix
         fail(str(e))
-    train(run)
+    if args.compare:
+        compare(args, setup, train)
+    else:
+        train(run)
 
 
 if __name__ == "__main__":
