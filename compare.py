@@ -14,8 +14,13 @@ import json
 import statistics
 from pathlib import Path
 
+import probe
+from data import labelled_sections
+
 METRICS = [("val_lm", "val loss", "{:.4f}"), ("val_nitp", "NITP loss", "{:.4f}"), ("erank", "eff. rank", "{:.2f}"),
-           ("anisotropy", "anisotropy", "{:.4f}"), ("ms_per_iter", "ms/iter", "{:.0f}")]
+           ("anisotropy", "anisotropy", "{:.4f}"), ("ms_per_iter", "ms/iter", "{:.0f}"),
+           ("probe_acc", "probe acc", "{:.3f}"), ("retrieval_recall@1", "recall@1", "{:.3f}"),
+           ("retrieval_mrr", "MRR", "{:.3f}")]
 
 
 def fmt(value, pattern: str) -> str:
@@ -25,6 +30,8 @@ def fmt(value, pattern: str) -> str:
 def print_side_by_side(ntp: dict, nitp: dict) -> None:
     print(f"  {'step ' + str(nitp['step']):12s} {'NTP':>10s} {'NITP':>10s} {'delta':>10s}")
     for key, label, pattern in METRICS:
+        if key not in ntp and key not in nitp:
+            continue
         a, b = ntp.get(key), nitp.get(key)
         delta = fmt(b - a, "{:+" + pattern[2:]) if a is not None and b is not None else "–"
         print(f"  {label:12s} {fmt(a, pattern):>10s} {fmt(b, pattern):>10s} {delta:>10s}")
@@ -92,20 +99,30 @@ def plot(out_dir: Path, seed: int) -> None:
 def compare(args: argparse.Namespace, setup, train) -> None:
     """Run NTP and NITP for args.seeds seeds starting at args.seed; setup/train are train.py's."""
     out_dir = Path(args.out_dir)
-    finals = []
+    finals, baselines = [], []
     for seed in range(args.seed, args.seed + args.seeds):
-        results = {}
+        results, models = {}, {}
         for name, use_nitp in (("NTP", False), ("NITP", True)):
             print(f"\n=== seed {seed}: {name} ===")
             run_args = argparse.Namespace(**{**vars(args), "nitp": use_nitp, "seed": seed,
                                              "out_dir": str(out_dir / f"seed{seed}-{name.lower()}")})
             ntp_by_step = {r["step"]: r for r in results.get("NTP", [])}
             show = (lambda r: print_side_by_side(ntp_by_step[r["step"]], r)) if use_nitp else None
-            results[name] = train(setup(run_args), on_eval=show)
-        finals.append({name: evals[-1] for name, evals in results.items()})
+            run = setup(run_args)
+            results[name], models[name] = train(run, on_eval=show), run["model"]
+        # The frozen-representation tasks (probe.py), on each final model, beside the sanity baselines.
+        print(f"\n=== seed {seed}: frozen representations, NTP model ===")
+        sections = labelled_sections(args.data, run["dataset"].tokenizer)
+        rows = probe.report(models["NTP"], sections, args.block_size, seed)
+        nitp_scores = probe.evaluate_representations(models["NITP"], sections, args.block_size)
+        print(f"  {'NITP model':32s} {nitp_scores['probe_acc']:10.3f} {nitp_scores['retrieval_recall@1']:10.3f} "
+              f"{nitp_scores['retrieval_mrr']:10.3f}")
+        baselines.append({k: v for k, v in rows.items() if k != "this model"})
+        finals.append({"NTP": {**results["NTP"][-1], **rows["this model"]},
+                       "NITP": {**results["NITP"][-1], **nitp_scores}})
     summary = summarize(finals)
     (out_dir / "compare.json").write_text(json.dumps(
         {"seeds": list(range(args.seed, args.seed + args.seeds)), "summary": summary,
-         "finals": finals, "args": {k: v for k, v in vars(args).items() if k != "explicit"}}, indent=1))
+         "finals": finals, "probe_baselines": baselines, "args": {k: v for k, v in vars(args).items() if k != "explicit"}}, indent=1))
     print(f"summary: {out_dir / 'compare.json'}")
     plot(out_dir, args.seed)

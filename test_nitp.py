@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import probe
 import train
 from model import GPT, MLP, GPTConfig, MoE
 from nitp import NITP, NITPConfig, anisotropy, default_layer, effective_rank, training_loss
@@ -461,6 +462,83 @@ def test_a_tiny_moe_model_with_nitp_overfits_a_tiny_batch():
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, n_expert=4, top_k=2))
     nitp = tiny_nitp(n_layer=2)
     assert_overfits_one_batch(model, nitp)
+
+
+# ---------------------------------------------------------------------------------------------------- probe.py
+
+def test_linear_probe_is_near_chance_on_random_features_with_shuffled_labels():
+    """Noise features and labels that mean nothing: test accuracy stays near 1/C."""
+    g = torch.Generator().manual_seed(0)
+    features = F.normalize(torch.randn(800, 32, generator=g), dim=-1)
+    labels = torch.randint(0, 4, (800,), generator=g)
+    train_idx, test_idx = probe.split(labels)
+    accuracy = probe.linear_probe_accuracy(features, labels, train_idx, test_idx)
+    assert abs(accuracy - 0.25) < 0.08
+
+
+def test_linear_probe_is_near_perfect_on_features_that_encode_the_label():
+    """Features = the label's one-hot plus small noise: the probe finds it."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 8
+    features = F.normalize(F.one_hot(labels, 32).float() + 0.05 * torch.randn(400, 32, generator=g), dim=-1)
+    train_idx, test_idx = probe.split(labels)
+    assert probe.linear_probe_accuracy(features, labels, train_idx, test_idx) > 0.98
+
+
+def test_retrieval_scores_on_hand_made_similarities():
+    """Recall@1 and MRR on matrices whose ranks are known: correct candidate first, second, third."""
+    perfect = torch.eye(3)
+    assert probe.retrieval_scores(perfect) == {"recall@1": 1.0, "mrr": 1.0}
+    ranks_1_2_3 = torch.tensor([[0.9, 0.1, 0.2],
+                                [0.8, 0.5, 0.1],   # query 1: its candidate is second
+                                [0.7, 0.6, 0.3]])  # query 2: its candidate is third
+    scores = probe.retrieval_scores(ranks_1_2_3)
+    assert scores["recall@1"] == pytest.approx(1 / 3)
+    assert scores["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+
+
+def test_splits_are_deterministic_and_disjoint():
+    """Every 4th passage of each section is a test passage: the same every time, never also a train passage."""
+    labels = torch.tensor([0] * 9 + [1] * 5 + [2] * 8)
+    train_a, test_a = probe.split(labels)
+    train_b, test_b = probe.split(labels)
+    assert torch.equal(train_a, train_b) and torch.equal(test_a, test_b)
+    assert not set(train_a.tolist()) & set(test_a.tolist())
+    assert sorted(train_a.tolist() + test_a.tolist()) == list(range(22))
+    assert labels[test_a].tolist() == [0, 0, 1, 2, 2]
+
+
+def test_pooling_ignores_positions_that_are_not_valid_tokens():
+    """Padding positions do not change the pooled embedding, whatever their states hold."""
+    states = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    pooled = probe.mean_pool(states, mask)
+    states[0, 3:] = 1e6
+    assert torch.allclose(probe.mean_pool(states, mask), pooled)
+    assert torch.allclose(pooled[0], F.normalize(states[0, :3].mean(dim=0), dim=0))
+    assert torch.allclose(pooled.norm(dim=-1), torch.ones(2))
+
+
+def test_passages_pad_the_short_tail_and_drop_tiny_sections():
+    """Sections are cut into fixed-length passages; the last one is padded and masked; short sections go."""
+    sections = [("long", list(range(1, 8 * 10 + 4))), ("tiny", [1, 2, 3])]
+    ids, mask, labels = probe.make_passages(sections, length=10)
+    assert ids.shape == (9, 10) and labels.tolist() == [0] * 9
+    assert mask[-1].tolist() == [True] * 3 + [False] * 7 and mask[:-1].all()
+
+
+def test_probe_flag_scores_a_checkpoint_with_baselines(tmp_path, capsys):
+    """`train.py --probe` reads the checkpoint in --out-dir, trains nothing, and reports the model, a random
+    model of the same shape, bag-of-tokens and chance."""
+    out = tmp_path / "run"
+    train.main(TINY + ["--max-iters", "2", "--out-dir", str(out)])
+    before = (out / "metrics.jsonl").read_text()
+    train.main(["--probe", "--out-dir", str(out)])
+    rows = json.loads((out / "probe.json").read_text())
+    assert set(rows) == {"this model", "random init, same shape", "bag of tokens (its embeddings)", "chance"}
+    assert all(0 <= rows[r][k] <= 1 for r in rows for k in ("probe_acc", "retrieval_recall@1", "retrieval_mrr"))
+    assert (out / "metrics.jsonl").read_text() == before
+    assert "probe acc" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------- data

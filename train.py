@@ -20,14 +20,16 @@ import numpy as np
 import tiktoken
 import torch
 
-from data import TOKENIZERS, get_batch, load_dataset
+import probe
+from data import TOKENIZERS, get_batch, labelled_sections, load_dataset
 from model import GPT, GPTConfig
 from compare import compare
 from nitp import HEADS, LOSSES, NITP, NITPConfig, anisotropy, effective_rank, training_loss
 
 CHECKPOINT_VERSION = 1
 # Flags that may differ when resuming: they change how long or where we train, not what is trained.
-RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "out_dir", "resume"}
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "out_dir", "resume",
+             "probe"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -85,6 +87,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true",
                    help="train NTP and NITP from the same weights on the same batches, and compare them")
     g.add_argument("--seeds", type=int, default=1, help="with --compare: repeat for this many seeds, from --seed")
+    g.add_argument("--probe", action="store_true",
+                   help="no training: score the frozen model in --out-dir on the probe.py tasks, with baselines")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device name")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
@@ -97,8 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
     args.explicit = sorted(a.dest for a in parser._actions if given & set(a.option_strings))
-    if args.compare and args.resume:
-        parser.error("--compare starts fresh runs; it cannot --resume")
+    if args.compare and (args.resume or args.probe):
+        parser.error("--compare starts fresh runs (and probes them itself); drop --resume / --probe")
+    args.resume = args.resume or args.probe  # --probe reads the checkpoint in --out-dir
     for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "seeds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -397,6 +402,11 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(e))
     if args.compare:
         compare(args, setup, train)
+    elif args.probe:
+        dataset = run["dataset"]
+        sections = labelled_sections(run["args"].data, dataset.tokenizer)
+        rows = probe.report(run["model"], sections, run["args"].block_size, run["args"].seed)
+        (Path(args.out_dir) / "probe.json").write_text(json.dumps(rows, indent=1))
     else:
         train(run)
 
