@@ -498,6 +498,42 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def poison_the_nitp_loss(loss, parts):
+    parts["nitp"] = parts["nitp"] * float("nan")
+    return parts["lm"] + parts["nitp"], parts
+
+
+def poison_the_gradients(loss, parts):
+    loss.register_hook(lambda grad: grad * float("inf"))  # the loss stays finite, its gradients do not
+    return loss, parts
+
+
+@pytest.mark.parametrize("poison,message", [(poison_the_nitp_loss, "step 6: the nitp loss is nan"),
+                                            (poison_the_gradients, "step 6: the gradient norm is")])
+def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_checkpoint(poison, message, tmp_path, monkeypatch,
+                                                                               capsys):
+    """From step 6 on, a loss term is NaN or the gradients are infinite: the run exits with status 3 and one line
+    naming the step and what went bad, and ckpt.pt (step 4) is left exactly as it was."""
+    out = tmp_path / "run"
+    real_training_loss, checkpoint_before = train.training_loss, []
+
+    def poisoned_from_step_6(model, nitp, x, y, step):
+        loss, parts = real_training_loss(model, nitp, x, y, step)
+        if step + 1 < 6:  # `step` counts from 0 here, from 1 in the logs and messages
+            return loss, parts
+        checkpoint_before.append((out / "ckpt.pt").read_bytes())
+        return poison(loss, parts)
+
+    monkeypatch.setattr(train, "training_loss", poisoned_from_step_6)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--nitp", "--max-iters", "10", "--eval-interval", "4", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert (out / "ckpt.pt").read_bytes() == checkpoint_before[0]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+
+
 BAD_INPUTS = {
     "missing corpus": (["--data", "no/such/file.txt"], "not found"),
     "empty corpus": (["--data", "{empty}"], "empty"),

@@ -4,6 +4,8 @@
     python train.py --nitp     # the same run with the NITP loss added
 
 Every run writes OUT_DIR/metrics.jsonl (one line per step, one per eval) and OUT_DIR/ckpt.pt.
+Exit status: 0 done or interrupted (Ctrl-C) with a checkpoint saved; 2 bad input; 3 a loss term or the
+gradient norm became NaN or infinite (the checkpoint keeps the last good state).
 """
 import argparse
 import contextlib
@@ -100,10 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fail(message: str) -> None:
-    """A user error: one line that says what to do, and a non-zero exit."""
+def fail(message: str, status: int = 2) -> None:
+    """A user error (status 2) or a diverged run (3): one line that says what to do, and a non-zero exit."""
     print(f"train.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def pick_device(name: str) -> torch.device:
@@ -132,6 +134,21 @@ def make_optimizer(modules: list[torch.nn.Module], args, device) -> torch.optim.
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------
+# NaN / inf guard
+
+class Diverged(Exception):
+    """A loss term or the gradient norm is NaN or infinite: no update from here on can be trusted."""
+
+
+def first_non_finite(terms: dict[str, float], grad_norm: float) -> str | None:
+    """What went bad first, checking the parts of the loss (named as in training_loss) before their total, and
+    the loss before the gradients: "the nitp loss is nan". None if everything is finite."""
+    checks = [(f"the {name} loss", value) for name, value in terms.items() if name != "loss"]
+    checks += [("the total loss", terms["loss"]), ("the gradient norm", grad_norm)]
+    return next((f"{what} is {value}" for what, value in checks if not math.isfinite(value)), None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,13 +362,16 @@ def train(run: dict) -> None:
                 (loss / args.grad_accum).backward()
                 for name, value in [("loss", loss), *parts.items()]:
                     parts_sum[name] = parts_sum.get(name, 0.0) + value.item() / args.grad_accum
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf).item()  # inf: measure only
+            bad = first_non_finite(parts_sum, grad_norm)
+            if bad is not None:  # stop before the update: the weights and the last checkpoint stay good
+                raise Diverged(f"step {step + 1}: {bad}; stopped before the update, {ckpt_path} is untouched "
+                               f"(a new run with a lower --learning-rate usually avoids this)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             steps_timed += 1
-            log({"step": step, "lr": lr, **parts_sum})
+            log({"step": step, "lr": lr, **parts_sum, "grad_norm": grad_norm})
 
             if step % args.log_interval == 0 or step == args.max_iters:
                 elapsed = time.perf_counter() - t_last
@@ -382,7 +402,10 @@ def main(argv: list[str] | None = None) -> None:
         run = setup(args)
     except ValueError as e:  # config, data, device and checkpoint problems: the user's to fix
         fail(str(e))
-    train(run)
+    try:
+        train(run)
+    except Diverged as e:
+        fail(str(e), status=3)
 
 
 if __name__ == "__main__":
