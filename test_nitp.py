@@ -1,4 +1,5 @@
 """Tests: one property each. Run with `python -m pytest -q`. Hermetic: no network, CPU only."""
+import io
 import json
 import os
 import signal
@@ -548,6 +549,8 @@ BAD_INPUTS = {
     "resume without checkpoint": (["--resume"], "no checkpoint"),
     "resume with a damaged checkpoint": (["--resume", "--out-dir", "{damaged}"], "damaged"),
     "resume with a foreign file": (["--resume", "--out-dir", "{foreign}"], "not a version-1"),
+    "resume with a truncated checkpoint": (["--resume", "--out-dir", "{truncated}"], "damaged"),
+    "resume with parts of a checkpoint missing": (["--resume", "--out-dir", "{incomplete}"], "not a version-1"),
 }
 
 
@@ -558,13 +561,18 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path, capsy
     files = {"empty": "", "latin1": "caf\xe9".encode("latin-1"), "short": "just a few words"}
     for name, content in files.items():
         (tmp_path / name).write_bytes(content.encode() if isinstance(content, str) else content)
-    for name, content in {"damaged": b"PK\x03\x04 truncated", "foreign": None}.items():
+    checkpoint = io.BytesIO()  # torch.save of a dict with tensors, as train.py writes; cut in half below
+    torch.save({"format_version": train.CHECKPOINT_VERSION, "step": 1, "model": tiny_model().state_dict()}, checkpoint)
+    checkpoints = {"damaged": b"PK\x03\x04 truncated", "foreign": {"some": "thing"},
+                   "truncated": checkpoint.getvalue()[:len(checkpoint.getvalue()) // 2],
+                   "incomplete": {"format_version": train.CHECKPOINT_VERSION, "step": 1}}
+    for name, content in checkpoints.items():
         (tmp_path / name).mkdir()
-        if content is None:
-            torch.save({"some": "thing"}, tmp_path / name / "ckpt.pt")
+        if isinstance(content, dict):
+            torch.save(content, tmp_path / name / "ckpt.pt")
         else:
             (tmp_path / name / "ckpt.pt").write_bytes(content)
-    argv = [a.format(**{n: str(tmp_path / n) for n in [*files, "damaged", "foreign"]}) for a in argv]
+    argv = [a.format(**{n: str(tmp_path / n) for n in [*files, *checkpoints]}) for a in argv]
     out_dir = tmp_path / "out"
     if "--out-dir" not in argv:
         argv += ["--out-dir", str(out_dir)]

@@ -27,6 +27,7 @@ from model import GPT, GPTConfig
 from nitp import HEADS, LOSSES, NITP, NITPConfig, anisotropy, effective_rank, training_loss
 
 CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = {"step", "model", "nitp", "optimizer", "args", "rng"}  # what --resume reads
 # Flags that may differ when resuming: they change how long or where we train, not what is trained.
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "out_dir", "resume"}
 
@@ -173,7 +174,8 @@ def load_checkpoint(out_dir: str) -> dict:
     except Exception as e:
         raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}): it is damaged or not from "
                          f"train.py; delete it or pick another --out-dir") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION:
+    if (not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION
+            or not CHECKPOINT_KEYS <= ckpt.keys()):
         raise ValueError(f"{path} is not a version-{CHECKPOINT_VERSION} train.py checkpoint; "
                          f"start a new run in another --out-dir")
     return ckpt
