@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ import train
 from model import GPT, MLP, GPTConfig, MoE
 from nitp import NITP, NITPConfig, anisotropy, default_layer, effective_rank, training_loss
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "2", "--log-interval", "5"]
 
@@ -497,6 +499,39 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
     assert len(losses[0]) == 10 and losses[0] == losses[1]
     weights = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in "ab"]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def train_py(*argv: str, **popen_kw) -> subprocess.Popen:
+    """`python train.py ARGV` as a user starts it, one thread per process: the CPU may be shared."""
+    env = {**os.environ, "NITP_CACHE_DIR": str(data.CACHE_DIR), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, **popen_kw)
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+    """SIGKILL in the middle of writing a checkpoint leaves the previous ckpt.pt whole: it loads, and --resume
+    finishes the run."""
+    out = tmp_path / "run"
+    ckpt, partial = out / "ckpt.pt", out / "ckpt.pt.tmp"
+    run = train_py(*TINY, "--max-iters", "1000", "--eval-interval", "1", "--out-dir", str(out),
+                   stdout=subprocess.DEVNULL)
+    try:  # freeze the run while it writes a checkpoint after the first one: then kill it
+        deadline = time.monotonic() + 60
+        while True:
+            assert run.poll() is None and time.monotonic() < deadline, "never caught writing a second checkpoint"
+            if ckpt.exists() and partial.exists():
+                run.send_signal(signal.SIGSTOP)
+                if partial.exists():
+                    break
+                run.send_signal(signal.SIGCONT)  # the write finished in between: try the next one
+            time.sleep(0.001)
+    finally:
+        run.kill()
+        run.wait()
+    assert partial.exists()  # killed mid-write
+    step = torch.load(ckpt, weights_only=True)["step"]
+    resumed = train_py("--resume", "--max-iters", str(step + 2), "--out-dir", str(out), stdout=subprocess.DEVNULL)
+    assert resumed.wait(timeout=60) == 0
+    assert torch.load(ckpt, weights_only=True)["step"] == step + 2
 
 
 def poison_the_nitp_loss(loss, parts):
