@@ -501,10 +501,10 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monk
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def train_py(*argv: str, **popen_kw) -> subprocess.Popen:
-    """`python train.py ARGV` as a user starts it, one thread per process: the CPU may be shared."""
+def train_py(*argv: str, launcher: tuple[str, ...] = (), **popen_kw) -> subprocess.Popen:
+    """`python [LAUNCHER] train.py ARGV` as a user starts it, one thread per process: the CPU may be shared."""
     env = {**os.environ, "NITP_CACHE_DIR": str(data.CACHE_DIR), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env, **popen_kw)
+    return subprocess.Popen([sys.executable, *launcher, "train.py", *argv], cwd=HERE, env=env, **popen_kw)
 
 
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
@@ -532,6 +532,25 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(t
     resumed = train_py("--resume", "--max-iters", str(step + 2), "--out-dir", str(out), stdout=subprocess.DEVNULL)
     assert resumed.wait(timeout=60) == 0
     assert torch.load(ckpt, weights_only=True)["step"] == step + 2
+
+
+def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) of 4 sequences each logs the losses, within 1e-5 (float32 rounding),
+    of one process of 8 sequences: the ranks split the same batches and average the gradients of the backbone
+    and of the NITP head. With --grad-accum 2, and --nitp-start 2: the head has no gradient in the first steps."""
+    args = [*TINY, "--nitp", "--nitp-start", "2", "--grad-accum", "2", "--max-iters", "4", "--eval-interval", "4"]
+    with open(tmp_path / "torchrun.log", "w") as log:
+        ddp = train_py(*args, "--out-dir", str(tmp_path / "ddp"), stdout=log, stderr=log,
+                       launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+        train.main(args + ["--batch-size", "8", "--out-dir", str(tmp_path / "one")])  # meanwhile, in this process
+        assert ddp.wait(timeout=120) == 0, (tmp_path / "torchrun.log").read_text()[-2000:]
+    steps = [[r for r in read_metrics(tmp_path / run) if not r.get("eval")] for run in ("one", "ddp")]
+    assert [r["step"] for r in steps[1]] == [1, 2, 3, 4]
+    for single, ddp_step in zip(*steps):
+        assert ddp_step.keys() == single.keys()
+        for term in ("loss", "lm", "nitp", "grad_norm"):
+            if term in single:
+                assert ddp_step[term] == pytest.approx(single[term], abs=1e-5), (single["step"], term)
 
 
 def poison_the_nitp_loss(loss, parts):
