@@ -1,9 +1,11 @@
 """Tests: one property each. Run with `python -m pytest -q`. Hermetic: no network, CPU only."""
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,8 @@ import train
 from model import GPT, MLP, GPTConfig, MoE
 from nitp import NITP, NITPConfig, anisotropy, default_layer, effective_rank, training_loss
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "2", "--log-interval", "5"]
 
@@ -695,6 +698,94 @@ def test_compare_with_seeds_writes_its_summary(tmp_path, capsys):
     assert "summary" in capsys.readouterr().out
 
 
+def train_py(*argv: str, launcher: tuple[str, ...] = (), **popen_kw) -> subprocess.Popen:
+    """`python [LAUNCHER] train.py ARGV` as a user starts it, one thread per process: the CPU may be shared."""
+    env = {**os.environ, "NITP_CACHE_DIR": str(data.CACHE_DIR), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, *launcher, "train.py", *argv], cwd=HERE, env=env, **popen_kw)
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+    """SIGKILL in the middle of writing a checkpoint leaves the previous ckpt.pt whole: it loads, and --resume
+    finishes the run."""
+    out = tmp_path / "run"
+    ckpt, partial = out / "ckpt.pt", out / "ckpt.pt.tmp"
+    run = train_py(*TINY, "--max-iters", "1000", "--eval-interval", "1", "--out-dir", str(out),
+                   stdout=subprocess.DEVNULL)
+    try:  # freeze the run while it writes a checkpoint after the first one: then kill it
+        deadline = time.monotonic() + 60
+        while True:
+            assert run.poll() is None and time.monotonic() < deadline, "never caught writing a second checkpoint"
+            if ckpt.exists() and partial.exists():
+                run.send_signal(signal.SIGSTOP)
+                if partial.exists():
+                    break
+                run.send_signal(signal.SIGCONT)  # the write finished in between: try the next one
+            time.sleep(0.001)
+    finally:
+        run.kill()
+        run.wait()
+    assert partial.exists()  # killed mid-write
+    step = torch.load(ckpt, weights_only=True)["step"]
+    resumed = train_py("--resume", "--max-iters", str(step + 2), "--out-dir", str(out), stdout=subprocess.DEVNULL)
+    assert resumed.wait(timeout=60) == 0
+    assert torch.load(ckpt, weights_only=True)["step"] == step + 2
+
+
+def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) of 4 sequences each logs the losses, within 1e-5 (float32 rounding),
+    of one process of 8 sequences: the ranks split the same batches and average the gradients of the backbone
+    and of the NITP head. With --grad-accum 2, and --nitp-start 2: the head has no gradient in the first steps."""
+    args = [*TINY, "--nitp", "--nitp-start", "2", "--grad-accum", "2", "--max-iters", "4", "--eval-interval", "4"]
+    with open(tmp_path / "torchrun.log", "w") as log:
+        ddp = train_py(*args, "--out-dir", str(tmp_path / "ddp"), stdout=log, stderr=log,
+                       launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+        train.main(args + ["--batch-size", "8", "--out-dir", str(tmp_path / "one")])  # meanwhile, in this process
+        assert ddp.wait(timeout=120) == 0, (tmp_path / "torchrun.log").read_text()[-2000:]
+    steps = [[r for r in read_metrics(tmp_path / run) if not r.get("eval")] for run in ("one", "ddp")]
+    assert [r["step"] for r in steps[1]] == [1, 2, 3, 4]
+    for single, ddp_step in zip(*steps):
+        assert ddp_step.keys() == single.keys()
+        for term in ("loss", "lm", "nitp", "grad_norm"):
+            if term in single:
+                assert ddp_step[term] == pytest.approx(single[term], abs=1e-5), (single["step"], term)
+
+
+def poison_the_nitp_loss(loss, parts):
+    parts["nitp"] = parts["nitp"] * float("nan")
+    return parts["lm"] + parts["nitp"], parts
+
+
+def poison_the_gradients(loss, parts):
+    loss.register_hook(lambda grad: grad * float("inf"))  # the loss stays finite, its gradients do not
+    return loss, parts
+
+
+@pytest.mark.parametrize("poison,message", [(poison_the_nitp_loss, "step 6: the nitp loss is nan"),
+                                            (poison_the_gradients, "step 6: the gradient norm is")])
+def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_checkpoint(poison, message, tmp_path, monkeypatch,
+                                                                               capsys):
+    """From step 6 on, a loss term is NaN or the gradients are infinite: the run exits with status 3 and one line
+    naming the step and what went bad, and ckpt.pt (step 4) is left exactly as it was."""
+    out = tmp_path / "run"
+    real_training_loss, checkpoint_before = train.training_loss, []
+
+    def poisoned_from_step_6(model, nitp, x, y, step):
+        loss, parts = real_training_loss(model, nitp, x, y, step)
+        if step + 1 < 6:  # `step` counts from 0 here, from 1 in the logs and messages
+            return loss, parts
+        checkpoint_before.append((out / "ckpt.pt").read_bytes())
+        return poison(loss, parts)
+
+    monkeypatch.setattr(train, "training_loss", poisoned_from_step_6)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--nitp", "--max-iters", "10", "--eval-interval", "4", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert (out / "ckpt.pt").read_bytes() == checkpoint_before[0]
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4
+
+
 BAD_INPUTS = {
     "missing corpus": (["--data", "no/such/file.txt"], "not found"),
     "empty corpus": (["--data", "{empty}"], "empty"),
@@ -709,6 +800,8 @@ BAD_INPUTS = {
     "resume without checkpoint": (["--resume"], "no checkpoint"),
     "resume with a damaged checkpoint": (["--resume", "--out-dir", "{damaged}"], "damaged"),
     "resume with a foreign file": (["--resume", "--out-dir", "{foreign}"], "not a version-1"),
+    "resume with a truncated checkpoint": (["--resume", "--out-dir", "{truncated}"], "damaged"),
+    "resume with parts of a checkpoint missing": (["--resume", "--out-dir", "{incomplete}"], "not a version-1"),
 }
 
 
@@ -719,13 +812,18 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path, capsy
     files = {"empty": "", "latin1": "caf\xe9".encode("latin-1"), "short": "just a few words"}
     for name, content in files.items():
         (tmp_path / name).write_bytes(content.encode() if isinstance(content, str) else content)
-    for name, content in {"damaged": b"PK\x03\x04 truncated", "foreign": None}.items():
+    checkpoint = io.BytesIO()  # torch.save of a dict with tensors, as train.py writes; cut in half below
+    torch.save({"format_version": train.CHECKPOINT_VERSION, "step": 1, "model": tiny_model().state_dict()}, checkpoint)
+    checkpoints = {"damaged": b"PK\x03\x04 truncated", "foreign": {"some": "thing"},
+                   "truncated": checkpoint.getvalue()[:len(checkpoint.getvalue()) // 2],
+                   "incomplete": {"format_version": train.CHECKPOINT_VERSION, "step": 1}}
+    for name, content in checkpoints.items():
         (tmp_path / name).mkdir()
-        if content is None:
-            torch.save({"some": "thing"}, tmp_path / name / "ckpt.pt")
+        if isinstance(content, dict):
+            torch.save(content, tmp_path / name / "ckpt.pt")
         else:
             (tmp_path / name / "ckpt.pt").write_bytes(content)
-    argv = [a.format(**{n: str(tmp_path / n) for n in [*files, "damaged", "foreign"]}) for a in argv]
+    argv = [a.format(**{n: str(tmp_path / n) for n in [*files, *checkpoints]}) for a in argv]
     out_dir = tmp_path / "out"
     if "--out-dir" not in argv:
         argv += ["--out-dir", str(out_dir)]

@@ -2,8 +2,11 @@
 
     python train.py            # the NTP baseline
     python train.py --nitp     # the same run with the NITP loss added
+    torchrun --standalone --nproc_per_node=8 train.py --nitp   # data-parallel (DDP) over 8 GPUs
 
 Every run writes OUT_DIR/metrics.jsonl (one line per step, one per eval) and OUT_DIR/ckpt.pt.
+Exit status: 0 done; 2 bad input; 3 a loss term or the gradient norm became NaN or infinite (the checkpoint
+keeps the last good state); 130 interrupted with Ctrl-C, after saving a checkpoint to resume from.
 """
 import argparse
 import contextlib
@@ -19,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import probe
 from data import TOKENIZERS, get_batch, labelled_sections, load_dataset
@@ -27,6 +32,7 @@ from compare import compare
 from nitp import HEADS, LOSSES, NITP, NITPConfig, anisotropy, effective_rank, training_loss
 
 CHECKPOINT_VERSION = 1
+CHECKPOINT_KEYS = {"step", "model", "nitp", "optimizer", "args", "rng"}  # what --resume reads
 # Flags that may differ when resuming: they change how long or where we train, not what is trained.
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "out_dir", "resume",
              "probe"}
@@ -70,7 +76,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--z-loss-coef", type=float, default=0.0, help="weight of the router z-loss (0 = off)")
     g = p.add_argument_group("training")
     g.add_argument("--max-iters", type=int, default=600, help="optimizer steps in total")
-    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch, per process under torchrun")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate")
     g.add_argument("--warmup-iters", type=int, default=60, help="steps of linear warm-up before the cosine decay")
@@ -101,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
     args.explicit = sorted(a.dest for a in parser._actions if given & set(a.option_strings))
+    if (args.compare or args.probe) and "RANK" in os.environ:
+        parser.error("--compare and --probe run in one process: start them with python, not torchrun")
     if args.compare and (args.resume or args.probe):
         parser.error("--compare starts fresh runs (and probes them itself); drop --resume / --probe")
     args.resume = args.resume or args.probe  # --probe reads the checkpoint in --out-dir
@@ -112,15 +120,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fail(message: str) -> None:
-    """A user error: one line that says what to do, and a non-zero exit."""
+def fail(message: str, status: int = 2) -> None:
+    """A user error (status 2) or a diverged run (3): one line that says what to do, and a non-zero exit."""
     print(f"train.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per process on this machine
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         device = torch.device(name)
         torch.empty(1, device=device)
@@ -147,6 +157,77 @@ def make_optimizer(modules: list[torch.nn.Module], args, device) -> torch.optim.
 
 
 # ----------------------------------------------------------------------------------------------------
+# Data parallel (DDP) under torchrun: every rank trains on its own slice of each batch; DDP averages gradients
+
+def torchrun_rank(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) from the variables torchrun sets; (0, 1) without torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"torchrun runs on CUDA GPUs (nccl) or the CPU (gloo), not on {device.type}; "
+                         f"add --device cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def get_shard(tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
+              rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's batch_size sequences of a global batch of world_size · batch_size.
+
+    Every rank draws the same global batch from the same generator and keeps its own slice. So the ranks
+    together see exactly the batches of one process with world_size times the batch size, and the generator
+    state that the checkpoint saves is the same on every rank: resuming is exact under DDP too."""
+    x, y = get_batch(tokens, world_size * batch_size, block_size, generator)  # (world_size·B, T) each
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    return x[mine], y[mine]  # (B, T), (B, T)
+
+
+class TrainingLoss(torch.nn.Module):
+    """nitp.training_loss as one module holding the backbone and the NITP head, so that DDP averages both."""
+
+    def __init__(self, model: torch.nn.Module, nitp: NITP | None):
+        super().__init__()
+        self.model, self.nitp = model, nitp
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        return training_loss(self.model, self.nitp, x, y, step)
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device, world_size: int) -> dict[str, float]:
+    """Each rank's loss terms are for its own slice; their mean is the global batch's, the same on every rank."""
+    if world_size == 1:
+        return values
+    total = torch.tensor(list(values.values()), dtype=torch.float64, device=device)  # (n_terms,)
+    dist.all_reduce(total)  # sum: gloo has no average
+    return dict(zip(values, (total / world_size).tolist()))
+
+
+def any_rank(flag: bool, device: torch.device, world_size: int) -> bool:
+    """True on every rank if it is True on one: all ranks must stop at the same step, or the others hang."""
+    if world_size == 1:
+        return flag
+    flags = torch.tensor([float(flag)], device=device)  # (1,)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags.item() > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# NaN / inf guard
+
+class Diverged(Exception):
+    """A loss term or the gradient norm is NaN or infinite: no update from here on can be trusted."""
+
+
+def first_non_finite(terms: dict[str, float], grad_norm: float) -> str | None:
+    """What went bad first, checking the parts of the loss (named as in training_loss) before their total, and
+    the loss before the gradients: "the nitp loss is nan". None if everything is finite."""
+    checks = [(f"the {name} loss", value) for name, value in terms.items() if name != "loss"]
+    checks += [("the total loss", terms["loss"]), ("the gradient norm", grad_norm)]
+    return next((f"{what} is {value}" for what, value in checks if not math.isfinite(value)), None)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -168,7 +249,8 @@ def load_checkpoint(out_dir: str) -> dict:
     except Exception as e:
         raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}): it is damaged or not from "
                          f"train.py; delete it or pick another --out-dir") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION:
+    if (not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_VERSION
+            or not CHECKPOINT_KEYS <= ckpt.keys()):
         raise ValueError(f"{path} is not a version-{CHECKPOINT_VERSION} train.py checkpoint; "
                          f"start a new run in another --out-dir")
     return ckpt
@@ -255,6 +337,7 @@ def setup(args: argparse.Namespace) -> dict:
         ckpt = load_checkpoint(args.out_dir)
         args = resume_args(args, ckpt)
     device = pick_device(args.device)
+    rank, world_size = torchrun_rank(device)
     dataset = load_dataset(args.data, args.tokenizer, args.block_size)
     torch.manual_seed(args.seed)
     config = GPTConfig(vocab_size=dataset.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
@@ -286,39 +369,53 @@ def setup(args: argparse.Namespace) -> dict:
         torch.set_rng_state(ckpt["rng"]["torch"])
         start_step = ckpt["step"]
     return dict(args=args, device=device, dataset=dataset, config=config, model=model, nitp=nitp,
-                optimizer=optimizer, batch_rng=batch_rng, start_step=start_step)
+                optimizer=optimizer, batch_rng=batch_rng, start_step=start_step,
+                rank=rank, world_size=world_size)
 
 
 def train(run: dict, on_eval=None) -> list[dict]:
     """Train to args.max_iters; returns the evaluation records. on_eval(record) is called after each one."""
     args, device, dataset = run["args"], run["device"], run["dataset"]
     model, nitp, optimizer, batch_rng = run["model"], run["nitp"], run["optimizer"], run["batch_rng"]
+    rank, world_size = run["rank"], run["world_size"]
+    master = rank == 0  # under DDP only rank 0 prints, evaluates, samples and writes files
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, ckpt_path = out_dir / "metrics.jsonl", out_dir / "ckpt.pt"
     step = run["start_step"]
-    if step == 0:
-        metrics_path.write_text("")
-    else:  # forget what was logged after the checkpoint: those steps are about to be redone
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if step == 0:
+            metrics_path.write_text("")
+        else:  # forget what was logged after the checkpoint: those steps are about to be redone
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())  # bf16 on CUDA; fp32 on the CPU, where bf16 is slow
     compiled = torch.compile(model) if args.compile else model
+    loss_fn = TrainingLoss(compiled, nitp)
+    if world_size > 1:
+        # Some steps leave parameters without a gradient (the NITP head before --nitp-start, MoE experts that
+        # got no token): DDP must look for them in every step, or it stops with an error.
+        unused = (nitp is not None and nitp.config.start > 0) or run["config"].n_expert > 1
+        loss_fn = DDP(loss_fn, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=unused)
 
     val_rng = torch.Generator().manual_seed(0)  # the same validation batches at every eval and in every run
     val_batches = [tuple(t.to(device) for t in get_batch(dataset.val, args.batch_size, args.block_size, val_rng))
                    for _ in range(args.eval_iters)]
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    tokens_per_step = args.batch_size * args.grad_accum * args.block_size
+    tokens_per_step = args.batch_size * args.grad_accum * args.block_size * world_size
     n_head = sum(p.numel() for p in nitp.parameters()) if nitp else 0
-    print(f"model: {param_name(model)} parameters"
-          + (f" + NITP head {n_head / 1e6:.2f}M (training only), target block {nitp.layer}" if nitp else "")
-          + f" | {len(dataset.train):,} train / {len(dataset.val):,} val tokens | device {device}")
+    if master:
+        print(f"model: {param_name(model)} parameters"
+              + (f" + NITP head {n_head / 1e6:.2f}M (training only), target block {nitp.layer}" if nitp else "")
+              + f" | {len(dataset.train):,} train / {len(dataset.val):,} val tokens | device {device}"
+              + (f" x {world_size} processes" if world_size > 1 else ""))
 
     def log(record: dict) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt_path, {
@@ -350,7 +447,7 @@ def train(run: dict, on_eval=None) -> list[dict]:
         if on_eval is not None:
             on_eval(result)
 
-    if step == 0:
+    if step == 0 and master:
         run_eval(0)
     with StopOnSigint() as sigint:
         while step < args.max_iters:
@@ -359,35 +456,48 @@ def train(run: dict, on_eval=None) -> list[dict]:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             parts_sum = {}
-            for _ in range(args.grad_accum):
-                x, y = (t.to(device) for t in get_batch(dataset.train, args.batch_size, args.block_size, batch_rng))
-                with autocast:
-                    loss, parts = training_loss(compiled, nitp, x, y, step)
-                (loss / args.grad_accum).backward()
+            for micro in range(args.grad_accum):
+                x, y = (t.to(device) for t in get_shard(dataset.train, args.batch_size, args.block_size, batch_rng,
+                                                        rank, world_size))
+                # DDP averages the gradients across ranks once per step, in the last micro-batch's backward
+                no_sync = loss_fn.no_sync if world_size > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext
+                with no_sync():
+                    with autocast:
+                        loss, parts = loss_fn(x, y, step)
+                    (loss / args.grad_accum).backward()
                 for name, value in [("loss", loss), *parts.items()]:
                     parts_sum[name] = parts_sum.get(name, 0.0) + value.item() / args.grad_accum
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            parts_sum = mean_over_ranks(parts_sum, device, world_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf).item()  # inf: measure only
+            bad = first_non_finite(parts_sum, grad_norm)
+            if bad is not None:  # stop before the update: the weights and the last checkpoint stay good
+                raise Diverged(f"step {step + 1}: {bad}; stopped before the update, {ckpt_path} is untouched "
+                               f"(a new run with a lower --learning-rate usually avoids this)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             step_ms.append(1000 * (time.perf_counter() - t_step))  # .item() above waited for the device
-            log({"step": step, "lr": lr, **parts_sum, "ms": step_ms[-1]})
+            log({"step": step, "lr": lr, **parts_sum, "grad_norm": grad_norm, "ms": step_ms[-1]})
 
-            if step % args.log_interval == 0 or step == args.max_iters:
+            if master and (step % args.log_interval == 0 or step == args.max_iters):
                 ms = float(np.mean(step_ms[-args.log_interval:]))
                 terms = " | ".join(f"{k} {v:.4f}" for k, v in parts_sum.items())
                 print(f"step {step:5d}/{args.max_iters} | {terms} | lr {lr:.2e} | {ms:.0f} ms/iter | "
                       f"{tokens_per_step / ms:.1f}k tok/s | left {format_time(ms / 1000 * (args.max_iters - step))}")
             if step % args.eval_interval == 0 or step == args.max_iters:
-                run_eval(step)
-                checkpoint(step)
-            if sigint.requested:
-                checkpoint(step)
-                print(f"interrupted: saved step {step} to {ckpt_path}; continue with: "
-                      f"python train.py --resume --out-dir {args.out_dir}")
-                sys.exit(130)  # the shell's code for Ctrl-C: a caller (--compare, a script) must not go on
+                if master:
+                    run_eval(step)
+                    checkpoint(step)
+            if any_rank(sigint.requested, device, world_size):
+                if master:
+                    checkpoint(step)
+                    launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
+                    print(f"interrupted: saved step {step} to {ckpt_path}; continue with: "
+                          f"{launcher} train.py --resume --out-dir {args.out_dir}")
+                sys.exit(130)  # the shell's code for Ctrl-C, on every rank: a caller (--compare, a script) must not go on
 
+    if not master:
+        return
     prompt = torch.tensor([dataset.tokenizer.encode_ordinary("\n")], device=device)
     sample = model.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=50)[0].tolist()
     print("sample:\n" + dataset.tokenizer.decode(sample, errors="replace"))
@@ -407,8 +517,16 @@ def main(argv: list[str] | None = None) -> None:
         sections = labelled_sections(run["args"].data, dataset.tokenizer)
         rows = probe.report(run["model"], sections, run["args"].block_size, run["args"].seed)
         (Path(args.out_dir) / "probe.json").write_text(json.dumps(rows, indent=1))
-    else:
+        return
+    if run["world_size"] > 1:
+        dist.init_process_group("nccl" if run["device"].type == "cuda" else "gloo")
+    try:
         train(run)
+    except Diverged as e:
+        fail(str(e), status=3)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
