@@ -846,6 +846,19 @@ def test_resume_with_a_different_model_shape_is_refused(tmp_path, capsys):
     assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
 
 
+def test_resume_with_a_corrupt_generator_state_is_refused(tmp_path, capsys):
+    """A checkpoint whose batch-generator state is garbage gives the one-line error, not a traceback."""
+    out = tmp_path / "run"
+    train.main(TINY + ["--max-iters", "2", "--out-dir", str(out)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["rng"]["batches"] = torch.zeros(3, dtype=torch.uint8)
+    torch.save(ckpt, out / "ckpt.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "does not fit" in err and len(err.strip().splitlines()) == 1
+
+
 def test_unavailable_standard_encoding_names_tiktoken_cache_dir(tmp_path, monkeypatch):
     """Offline, a standard encoding fails with a message that says how to make it work."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))

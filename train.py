@@ -362,11 +362,11 @@ def setup(args: argparse.Namespace) -> dict:
             if nitp is not None:
                 nitp.load_state_dict(ckpt["nitp"])
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
+            batch_rng.set_state(ckpt["rng"]["batches"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ValueError(f"the checkpoint in {args.out_dir} does not fit this model "
                              f"({str(e).splitlines()[0][:120]}); start a new run in another --out-dir") from None
-        batch_rng.set_state(ckpt["rng"]["batches"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
         start_step = ckpt["step"]
     return dict(args=args, device=device, dataset=dataset, config=config, model=model, nitp=nitp,
                 optimizer=optimizer, batch_rng=batch_rng, start_step=start_step,
