@@ -23,7 +23,7 @@ Choices the paper leaves open, and ours:
     block k, with no norm, since the cosine ignores scale and a norm would only add parameters to the
     target path.
   - The head is initialised like the backbone, N(0, 0.02): the cosine is scale-free, so the head only
-    needs small, symmetric-breaking weights to start.
+    needs small, symmetry-breaking weights to start.
 The ablation switches in NITPConfig reproduce the paper's ablations; their defaults are the method.
 """
 from dataclasses import dataclass

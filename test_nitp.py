@@ -626,10 +626,11 @@ def test_moe_training_logs_the_aux_loss_and_expert_shares(tmp_path, capsys):
     assert "-A" in printed.splitlines()[0] and "busiest expert" in printed
 
 
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("model_flags", [[], ["--n-expert", "4", "--top-k", "2"]], ids=["dense", "moe"])
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(model_flags, tmp_path, monkeypatch, capsys):
     """Ctrl-C saves a checkpoint; --resume continues with the same per-step losses and the same final
-    weights as a run that was never interrupted."""
-    args = TINY + ["--nitp", "--max-iters", "10", "--eval-interval", "4"]
+    weights, bit for bit, as a run that was never interrupted (NITP on, dense and MoE)."""
+    args = TINY + model_flags + ["--nitp", "--max-iters", "10", "--eval-interval", "4"]
     train.main(args + ["--out-dir", str(tmp_path / "a")])
 
     real_get_batch, calls = train.get_batch, []
