@@ -4,7 +4,8 @@ For each seed, the NTP run and the NITP run start from the same initial weights 
 before the NITP head, from the same seed) and see the same batches in the same order (one batch generator,
 seeded the same). Only the NITP loss differs. While the NITP run trains, each evaluation is printed beside
 the NTP run's at the same step. The summary gives the final NITP − NTP deltas, their mean ± std over seeds,
-and whether each is larger than the seed-to-seed spread of the metric itself.
+and whether each is larger than the seed-to-seed spread (the larger of the metric's std across the NTP runs
+and the delta's own std across seeds).
 
 Everything lands in OUT_DIR: seed<S>-ntp/ and seed<S>-nitp/ (metrics.jsonl, ckpt.pt each), compare.json,
 and compare.png when matplotlib is installed.
@@ -57,15 +58,16 @@ def summarize(finals: list[dict]) -> dict:
         ntp, nitp = ([f[run][key] for f in finals] for run in ("NTP", "NITP"))
         delta = [b - a for a, b in zip(ntp, nitp)]
         (ntp_mean, ntp_std), (nitp_mean, nitp_std), (d_mean, d_std) = map(mean_std, (ntp, nitp, delta))
-        # The spread is how much the metric itself moves from seed to seed (the NTP runs' std). A delta
-        # smaller than that could be a different seed rather than NITP.
-        verdict = "n/a (one seed)" if ntp_std is None else ("yes" if abs(d_mean) > ntp_std else "no")
+        # The seed-to-seed spread: how much the metric moves between seeds (the NTP runs' std) or the delta
+        # does (its std over seeds), whichever is larger. A delta inside it could be the seed, not NITP.
+        spread = None if ntp_std is None else max(ntp_std, d_std)
+        verdict = "n/a (one seed)" if spread is None else ("yes" if abs(d_mean) > spread else "no")
         signed = "{:+" + pattern[2:]
         print(f"  {label:12s} {plus_minus(ntp_mean, ntp_std, pattern):>16s} "
               f"{plus_minus(nitp_mean, nitp_std, pattern):>16s} {plus_minus(d_mean, d_std, pattern, signed):>17s} "
-              f"{fmt(ntp_std, pattern):>12s}  {verdict}")
+              f"{fmt(spread, pattern):>12s}  {verdict}")
         summary[key] = {"ntp": ntp, "nitp": nitp, "delta_mean": d_mean, "delta_std": d_std,
-                        "spread": ntp_std, "larger_than_spread": None if ntp_std is None else abs(d_mean) > ntp_std}
+                        "spread": spread, "larger_than_spread": None if spread is None else abs(d_mean) > spread}
     return summary
 
 
