@@ -10,7 +10,6 @@ FLOPs per token are counted analytically (as in the PaLM paper): 6 FLOPs per wei
 (2 forward, 4 backward), counting k of the E routed experts and the tied LM head but not the embedding
 lookups, plus attention, 12 · n_layer · block_size · d. The NITP head adds 6 · 12d².
 """
-import contextlib
 import statistics
 import time
 from dataclasses import replace
@@ -71,7 +70,7 @@ def main() -> None:
                           n_head=args.n_head, n_embd=args.n_embd)
     except ValueError as e:
         train.fail(str(e))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = train.autocast_for(device)
     moe = dict(n_dense_layers=args.n_dense_layers, n_shared=args.n_shared)
     variants = {
         "NTP (dense)": (dense, False),

@@ -113,15 +113,11 @@ def compare(args: argparse.Namespace, setup, train) -> None:
             run = setup(run_args)
             results[name], models[name] = train(run, on_eval=show), run["model"]
         # The frozen-representation tasks (probe.py), on each final model, beside the sanity baselines.
-        print(f"\n=== seed {seed}: frozen representations, NTP model ===")
+        print(f"\n=== seed {seed}: frozen representations ===")
         sections = labelled_sections(args.data, run["dataset"].tokenizer)
-        rows = probe.report(models["NTP"], sections, args.block_size, seed)
-        nitp_scores = probe.evaluate_representations(models["NITP"], sections, args.block_size)
-        print(f"  {'NITP model':32s} {nitp_scores['probe_acc']:10.3f} {nitp_scores['retrieval_recall@1']:10.3f} "
-              f"{nitp_scores['retrieval_mrr']:10.3f}")
-        baselines.append({k: v for k, v in rows.items() if k != "this model"})
-        finals.append({"NTP": {**results["NTP"][-1], **rows["this model"]},
-                       "NITP": {**results["NITP"][-1], **nitp_scores}})
+        rows = probe.report(models, sections, args.block_size, seed)
+        baselines.append({k: v for k, v in rows.items() if k not in models})
+        finals.append({name: {**results[name][-1], **rows[name]} for name in models})
     summary = summarize(finals)
     (out_dir / "compare.json").write_text(json.dumps(
         {"seeds": list(range(args.seed, args.seed + args.seeds)), "summary": summary,

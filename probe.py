@@ -110,34 +110,36 @@ def half_retrieval(model: GPT, ids: torch.Tensor, mask: torch.Tensor, bag_of_tok
     return retrieval_scores(queries @ candidates.T)
 
 
-def evaluate_representations(model: GPT, sections: list[tuple[str, list[int]]], length: int,
-                             bag_of_tokens: bool = False) -> dict[str, float]:
-    """Both tasks for one model. Returns the scores; chance levels come from `chance_levels`."""
-    ids, mask, labels = make_passages(sections, length)
+def evaluate_representations(model: GPT, passages: tuple, bag_of_tokens: bool = False) -> dict[str, float]:
+    """Both tasks for one model on make_passages' (ids, mask, labels). Returns the scores."""
+    ids, mask, labels = passages
     train, test = split(labels)
     features = embed(model, ids, mask, bag_of_tokens)
     return {"probe_acc": linear_probe_accuracy(features, labels, train, test),
             **{f"retrieval_{k}": v for k, v in half_retrieval(model, ids, mask, bag_of_tokens).items()}}
 
 
-def chance_levels(sections: list[tuple[str, list[int]]], length: int) -> dict[str, float]:
+def chance_levels(passages: tuple) -> dict[str, float]:
     """What guessing scores: the majority class's share of the test set; 1/N and H_N/N for retrieval."""
-    ids, mask, labels = make_passages(sections, length)
+    _, mask, labels = passages
     _, test = split(labels)
     n = int(mask.all(dim=1).sum())
     return {"probe_acc": labels[test].bincount().max().item() / len(test),
             "retrieval_recall@1": 1 / n, "retrieval_mrr": sum(1 / r for r in range(1, n + 1)) / n}
 
 
-def report(model: GPT, sections: list[tuple[str, list[int]]], length: int, seed: int) -> dict[str, dict]:
-    """Scores of the model, of two sanity baselines, and of chance, printed as one table."""
+def report(models: dict[str, GPT], sections: list[tuple[str, list[int]]], length: int, seed: int) -> dict[str, dict]:
+    """Scores of each named model, of two sanity baselines built from the first one, and of chance,
+    printed as one table."""
+    passages = make_passages(sections, length)
+    first = next(iter(models.values()))
     torch.manual_seed(seed)
-    untrained = GPT(model.config).to(next(model.parameters()).device)
-    rows = {"this model": evaluate_representations(model, sections, length),
-            "random init, same shape": evaluate_representations(untrained, sections, length),
-            "bag of tokens (its embeddings)": evaluate_representations(model, sections, length, bag_of_tokens=True),
-            "chance": chance_levels(sections, length)}
-    ids, _, labels = make_passages(sections, length)
+    untrained = GPT(first.config).to(next(first.parameters()).device)
+    rows = {name: evaluate_representations(model, passages) for name, model in models.items()}
+    rows["random init, same shape"] = evaluate_representations(untrained, passages)
+    rows["bag of tokens (its embeddings)"] = evaluate_representations(first, passages, bag_of_tokens=True)
+    rows["chance"] = chance_levels(passages)
+    ids, _, labels = passages
     print(f"frozen-representation tasks: {len(ids)} passages of {length} tokens, {int(labels.max()) + 1} sections")
     print(f"  {'':32s} {'probe acc':>10s} {'recall@1':>10s} {'MRR':>10s}")
     for name, scores in rows.items():

@@ -139,6 +139,11 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on the CPU, where bf16 is slow."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """Linear warm-up to the peak, then cosine decay to a tenth of it at max_iters."""
     if step < args.warmup_iters:
@@ -389,8 +394,7 @@ def train(run: dict, on_eval=None) -> list[dict]:
         else:  # forget what was logged after the checkpoint: those steps are about to be redone
             lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
             metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())  # bf16 on CUDA; fp32 on the CPU, where bf16 is slow
+    autocast = autocast_for(device)
     compiled = torch.compile(model) if args.compile else model
     loss_fn = TrainingLoss(compiled, nitp)
     if world_size > 1:
@@ -515,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.probe:
         dataset = run["dataset"]
         sections = labelled_sections(run["args"].data, dataset.tokenizer)
-        rows = probe.report(run["model"], sections, run["args"].block_size, run["args"].seed)
+        rows = probe.report({"this model": run["model"]}, sections, run["args"].block_size, run["args"].seed)
         (Path(args.out_dir) / "probe.json").write_text(json.dumps(rows, indent=1))
         return
     if run["world_size"] > 1:
