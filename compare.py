@@ -18,6 +18,11 @@ from pathlib import Path
 import probe
 from data import labelled_sections
 
+# --compare trains longer than a plain run: at the 600 steps of train.py's defaults NITP has not yet moved
+# the effective rank beyond the seed-to-seed spread; at 1,500 it has (README, "Results at toy scale").
+# train.py applies these unless the command line sets them.
+COMPARE_DEFAULTS = {"max_iters": 1500, "warmup_iters": 150, "eval_interval": 250}
+
 METRICS = [("val_lm", "val loss", "{:.4f}"), ("val_nitp", "NITP loss", "{:.4f}"), ("erank", "eff. rank", "{:.2f}"),
            ("anisotropy", "anisotropy", "{:.4f}"), ("ms_per_iter", "ms/iter", "{:.0f}"),
            ("probe_acc", "probe acc", "{:.3f}"), ("retrieval_recall@1", "recall@1", "{:.3f}"),

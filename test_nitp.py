@@ -158,6 +158,13 @@ def test_the_backbone_runs_once_per_training_step():
     assert sorted(calls) == sorted(["wte", "block0", "block1", "block2", "block3"])
 
 
+def test_the_dense_model_compiles_to_one_graph_with_the_nitp_tap():
+    """--compile compiles the model; the dense forward pass, the block-k tap included, has no graph break."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(tiny_model())(tokens(), tokens(seed=1), tap_layer=1)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
 def test_total_loss_is_ntp_plus_lambda_times_nitp():
     """The training loss is L_NTP + λ·L_NITP, with the parts reported separately."""
     loss, parts = training_loss(tiny_model(), tiny_nitp(lam=0.7), tokens(), tokens(seed=1))
@@ -698,6 +705,19 @@ def test_compare_with_seeds_writes_its_summary(tmp_path, capsys):
     assert erank["delta_std"] is not None and isinstance(erank["larger_than_spread"], bool)
     assert erank["delta_mean"] == pytest.approx(np.mean(np.array(erank["nitp"]) - np.array(erank["ntp"])))
     assert "summary" in capsys.readouterr().out
+    # Only the comparison's own runs: no third, stray training run in OUT_DIR itself.
+    made = {p.name for p in tmp_path.iterdir()}
+    assert made - {"compare.png"} == {"seed1337-ntp", "seed1337-nitp", "seed1338-ntp", "seed1338-nitp", "compare.json"}
+
+
+def test_compare_has_its_own_longer_schedule_unless_flags_say_otherwise():
+    """--compare trains 1,500 steps by default (README: the setting where the effect exceeds the seed spread);
+    a flag given on the command line wins, and a plain run keeps train.py's own defaults."""
+    plain, compared = train.parse_args([]), train.parse_args(["--compare"])
+    assert (plain.max_iters, plain.warmup_iters, plain.eval_interval) == (600, 60, 100)
+    assert (compared.max_iters, compared.warmup_iters, compared.eval_interval) == (1500, 150, 250)
+    chosen = train.parse_args(["--compare", "--max-iters=40", "--eval-interval", "10"])
+    assert (chosen.max_iters, chosen.warmup_iters, chosen.eval_interval) == (40, 150, 10)
 
 
 def train_py(*argv: str, launcher: tuple[str, ...] = (), **popen_kw) -> subprocess.Popen:

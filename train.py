@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import probe
 from data import TOKENIZERS, get_batch, labelled_sections, load_dataset
 from model import GPT, GPTConfig
-from compare import compare
+from compare import COMPARE_DEFAULTS, compare
 from nitp import HEADS, LOSSES, NITP, NITPConfig, anisotropy, effective_rank, training_loss
 
 CHECKPOINT_VERSION = 1
@@ -91,7 +91,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir")
     g = p.add_argument_group("the NTP vs NITP experiment (compare.py)")
     g.add_argument("--compare", action="store_true",
-                   help="train NTP and NITP from the same weights on the same batches, and compare them")
+                   help="train NTP and NITP from the same weights on the same batches, and compare them "
+                        "(defaults to --max-iters 1500 --warmup-iters 150 --eval-interval 250)")
     g.add_argument("--seeds", type=int, default=1, help="with --compare: repeat for this many seeds, from --seed")
     g.add_argument("--probe", action="store_true",
                    help="no training: score the frozen model in --out-dir on the probe.py tasks, with baselines")
@@ -111,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--compare and --probe run in one process: start them with python, not torchrun")
     if args.compare and (args.resume or args.probe):
         parser.error("--compare starts fresh runs (and probes them itself); drop --resume / --probe")
+    if args.compare:
+        for name, value in COMPARE_DEFAULTS.items():
+            if name not in args.explicit:
+                setattr(args, name, value)
     args.resume = args.resume or args.probe  # --probe reads the checkpoint in --out-dir
     for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "seeds"):
         if getattr(args, name) < 1:
@@ -514,9 +519,7 @@ def main(argv: list[str] | None = None) -> None:
         run = setup(argparse.Namespace(**{**vars(args), "nitp": args.nitp or args.compare}))
     except ValueError as e:  # config, data, device and checkpoint problems: the user's to fix
         fail(str(e))
-    if args.compare:
-        compare(args, setup, train)
-    elif args.probe:
+    if args.probe:
         dataset = run["dataset"]
         sections = labelled_sections(run["args"].data, dataset.tokenizer)
         rows = probe.report({"this model": run["model"]}, sections, run["args"].block_size, run["args"].seed)
@@ -525,7 +528,10 @@ def main(argv: list[str] | None = None) -> None:
     if run["world_size"] > 1:
         dist.init_process_group("nccl" if run["device"].type == "cuda" else "gloo")
     try:
-        train(run)
+        if args.compare:
+            compare(args, setup, train)  # its own runs, in OUT_DIR/seed<S>-ntp|nitp: not a third one here
+        else:
+            train(run)
     except Diverged as e:
         fail(str(e), status=3)
     finally:
