@@ -4,7 +4,9 @@
     python bench.py --n-embd 256 --device cuda
 
 Takes the model flags of train.py. All variants are built in one process and timed in interleaved rounds,
-so that a noisy, shared machine slows them alike; the table reports the median round.
+so that a noisy, shared machine slows them alike; the table reports the median round. The matmul peak is
+measured in every round too (it moves with the machine's load and clock), and the fraction of peak uses
+its median; the range is printed beside it.
 
 FLOPs per token are counted analytically (as in the PaLM paper): 6 FLOPs per weight a token passes through
 (2 forward, 4 backward), counting k of the E routed experts and the tied LM head but not the embedding
@@ -22,7 +24,7 @@ from model import GPT, GPTConfig
 from nitp import NITP, NITPConfig, training_loss
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of a large square GEMM: fp32 on the CPU, bf16 on CUDA."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -99,20 +101,21 @@ def main() -> None:
         sync(device)
         return 1000 * (time.perf_counter() - t0) / len(batches)
 
-    peak = matmul_peak(device)
     for parts in built.values():  # warm-up: allocator, kernels, lazy init
         run_steps(*parts)
-    times = {name: [] for name in built}
+    times, peaks = {name: [] for name in built}, []
     for _ in range(args.rounds):
+        peaks.append(matmul_peak(device))
         for name, parts in built.items():
             times[name].append(run_steps(*parts))
-    peak_after = matmul_peak(device)
+    peak = statistics.median(peaks)
 
     tokens = args.batch_size * args.block_size
     base_ms = statistics.median(times["NTP (dense)"])
     base_flops = flops_per_token(*built["NTP (dense)"][:2])
     print(f"device {device} | threads {torch.get_num_threads()} | batch {args.batch_size} x {args.block_size} tokens"
-          f" | matmul peak {peak / 1e9:.0f} GFLOP/s (again after: {peak_after / 1e9:.0f})")
+          f" | matmul peak {peak / 1e9:.0f} GFLOP/s (median of {len(peaks)} rounds; "
+          f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})")
     print(f"{'variant':20s} {'params':>14s} {'MFLOP/tok':>10s} {'ms/iter':>8s} {'tok/s':>8s} "
           f"{'of peak':>8s} {'time x':>7s} {'FLOPs x':>8s}")
     for name, (model, nitp, _) in built.items():

@@ -15,6 +15,7 @@ import tiktoken.load  # the module whose download function the offline test repl
 import torch
 import torch.nn.functional as F
 
+import bench
 import data
 import probe
 import train
@@ -901,3 +902,24 @@ def test_the_command_line_reports_errors_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "not found" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- the speed report
+
+def test_flops_per_token_add_the_head_and_count_only_the_k_experts_a_token_uses():
+    """bench.py: the NITP head adds 6 · 12d² per token; top-2 of 8 experts costs one more expert per MoE layer
+    (4 layers, the first dense: 3 MoE layers) than top-1, whatever E is."""
+    d, dense = 16, tiny_model()
+    assert bench.flops_per_token(dense, tiny_nitp(d=d)) - bench.flops_per_token(dense, None) == 6 * 12 * d * d
+    k1, k2 = tiny_model(n_expert=8, top_k=1), tiny_model(n_expert=8, top_k=2)
+    expert = sum(p.numel() for p in k1.blocks[-1].mlp.experts[0].parameters())
+    assert bench.flops_per_token(k2, None) - bench.flops_per_token(k1, None) == 6 * 3 * expert
+    assert bench.flops_per_token(dense, None) == 6 * (dense.num_params() - 16 * 16) + 12 * 4 * 16 * 16
+
+
+def test_the_speed_report_prints_one_table_with_the_nitp_overhead(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", *TINY, "--rounds", "2", "--steps-per-round", "1"])
+    bench.main()
+    printed = capsys.readouterr().out
+    assert "matmul peak" in printed and "NITP overhead: analytic" in printed
+    assert all(name in printed for name in ("NTP (dense)", "NITP (dense)", "NTP, MoE E=8 k=2", "NITP, MoE E=8 k=2"))
