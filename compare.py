@@ -94,7 +94,8 @@ def plot(out_dir: Path, seed: int) -> None:
         for name, records in runs.items():
             points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
             if points:
-                ax.plot(*zip(*points), label=name, lw=1 if key == "nitp" else 1.8)
+                ax.plot(*zip(*points), label=name, lw=1 if key == "nitp" else 1.8,
+                        color="C0" if name == "NTP" else "C1")  # each run keeps its colour in every panel
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
