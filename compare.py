@@ -20,8 +20,19 @@ from data import labelled_sections
 
 # --compare trains longer than a plain run: at the 600 steps of train.py's defaults NITP has not yet moved
 # the effective rank beyond the seed-to-seed spread; at 1,500 it has (README, "Results at toy scale").
-# train.py applies these unless the command line sets them.
-COMPARE_DEFAULTS = {"max_iters": 1500, "warmup_iters": 150, "eval_interval": 250}
+COMPARE_STEPS = 1500
+
+
+def compare_schedule(args: argparse.Namespace) -> None:
+    """--compare's schedule, for each of these flags the command line leaves unset: COMPARE_STEPS steps, a
+    tenth of them warm-up and an evaluation every sixth of them (1,500 / 150 / 250), as train.py's own
+    defaults are (600 / 60 / 100)."""
+    if "max_iters" not in args.explicit:
+        args.max_iters = COMPARE_STEPS
+    if "warmup_iters" not in args.explicit:
+        args.warmup_iters = args.max_iters // 10
+    if "eval_interval" not in args.explicit:
+        args.eval_interval = max(1, args.max_iters // 6)
 
 METRICS = [("val_lm", "val loss", "{:.4f}"), ("val_nitp", "NITP loss", "{:.4f}"), ("erank", "eff. rank", "{:.2f}"),
            ("anisotropy", "anisotropy", "{:.4f}"), ("ms_per_iter", "ms/iter", "{:.0f}"),

@@ -712,13 +712,15 @@ def test_compare_with_seeds_writes_its_summary(tmp_path, capsys):
 
 
 def test_compare_has_its_own_longer_schedule_unless_flags_say_otherwise():
-    """--compare trains 1,500 steps by default (README: the setting where the effect exceeds the seed spread);
-    a flag given on the command line wins, and a plain run keeps train.py's own defaults."""
+    """--compare trains 1,500 steps by default (README: the setting where the effect exceeds the seed spread),
+    with a tenth of them warm-up and an evaluation every sixth; a flag given on the command line wins, the
+    others follow its --max-iters, and a plain run keeps train.py's own defaults."""
     plain, compared = train.parse_args([]), train.parse_args(["--compare"])
     assert (plain.max_iters, plain.warmup_iters, plain.eval_interval) == (600, 60, 100)
     assert (compared.max_iters, compared.warmup_iters, compared.eval_interval) == (1500, 150, 250)
-    chosen = train.parse_args(["--compare", "--max-iters=40", "--eval-interval", "10"])
-    assert (chosen.max_iters, chosen.warmup_iters, chosen.eval_interval) == (40, 150, 10)
+    chosen = train.parse_args(["--compare", "--max-iters=60", "--eval-interval", "7"])
+    assert (chosen.max_iters, chosen.warmup_iters, chosen.eval_interval) == (60, 6, 7)
+    assert train.parse_args(["--compare", "--max-iters", "3"]).eval_interval == 1
 
 
 def train_py(*argv: str, launcher: tuple[str, ...] = (), **popen_kw) -> subprocess.Popen:

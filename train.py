@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import probe
 from data import TOKENIZERS, get_batch, labelled_sections, load_dataset
 from model import GPT, GPTConfig
-from compare import COMPARE_DEFAULTS, compare
+from compare import compare, compare_schedule
 from nitp import HEADS, LOSSES, NITP, NITPConfig, anisotropy, effective_rank, training_loss
 
 CHECKPOINT_VERSION = 1
@@ -92,7 +92,7 @@ def make_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("the NTP vs NITP experiment (compare.py)")
     g.add_argument("--compare", action="store_true",
                    help="train NTP and NITP from the same weights on the same batches, and compare them "
-                        "(defaults to --max-iters 1500 --warmup-iters 150 --eval-interval 250)")
+                        "(unless set: --max-iters 1500, --warmup-iters a tenth and --eval-interval a sixth of it)")
     g.add_argument("--seeds", type=int, default=1, help="with --compare: repeat for this many seeds, from --seed")
     g.add_argument("--probe", action="store_true",
                    help="no training: score the frozen model in --out-dir on the probe.py tasks, with baselines")
@@ -113,9 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.compare and (args.resume or args.probe):
         parser.error("--compare starts fresh runs (and probes them itself); drop --resume / --probe")
     if args.compare:
-        for name, value in COMPARE_DEFAULTS.items():
-            if name not in args.explicit:
-                setattr(args, name, value)
+        compare_schedule(args)
     args.resume = args.resume or args.probe  # --probe reads the checkpoint in --out-dir
     for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "seeds"):
         if getattr(args, name) < 1:
