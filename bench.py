@@ -1,12 +1,14 @@
 """Speed report: what NITP and MoE cost per training step, against the machine's matmul peak.
 
     python bench.py                      # the default model of train.py
-    python bench.py --n-embd 256 --device cuda
+    python bench.py --n-embd 256 --device cuda --dtype float16
 
-Takes the model flags of train.py. All variants are built in one process and timed in interleaved rounds,
-so that a noisy, shared machine slows them alike; the table reports the median round. The matmul peak is
-measured in every round too (it moves with the machine's load and clock), and the fraction of peak uses
-its median; the range is printed beside it.
+Takes train.py's flags for the model's shape, the batch, the corpus, the device and the dtype. Its MoE
+variants are its own (E = 8, 16, 32), and it times eager steps of one micro-batch: train.py's MoE flags,
+--compile and --grad-accum are refused. All variants are built in one process and timed in interleaved
+rounds, so that a noisy, shared machine slows them alike; the table reports the median round. The matmul
+peak (a square GEMM in the training dtype) is measured in every round too (it moves with the machine's load
+and clock), and the fraction of peak uses its median; the range is printed beside it.
 
 FLOPs per token are counted analytically (as in the PaLM paper): 6 FLOPs per weight a token passes through
 (2 forward, 4 backward), counting k of the E routed experts and the tied LM head but not the embedding
@@ -24,9 +26,8 @@ from model import GPT, GPTConfig
 from nitp import NITP, NITPConfig, training_loss
 
 
-def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square GEMM: fp32 on the CPU, bf16 on CUDA."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square GEMM in the dtype that training uses."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats):
@@ -39,8 +40,11 @@ def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> float:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the work queued on the device: GPU timings without it measure only the queueing."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def flops_per_token(model: GPT, nitp: NITP | None) -> float:
@@ -65,14 +69,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps-per-round", type=int, default=5, help="training steps per variant per round")
     args = parser.parse_args()
+    own = [flag for flag, default in (("n_expert", 1), ("top_k", 1), ("compile", False), ("grad_accum", 1))
+           if getattr(args, flag) != default]
+    if own:
+        parser.error(f"bench.py times its own MoE variants, eager, one micro-batch per step: drop "
+                     + ", ".join("--" + flag.replace("_", "-") for flag in own))
     try:
         device = train.pick_device(args.device)
+        dtype = train.pick_dtype(args.dtype, device)
         dataset = load_dataset(args.data, args.tokenizer, args.block_size)
         dense = GPTConfig(vocab_size=dataset.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd)
     except ValueError as e:
         train.fail(str(e))
-    autocast = train.autocast_for(device)
+    autocast = train.autocast_for(device, dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # as train.py: fp16 needs it
     moe = dict(n_dense_layers=args.n_dense_layers, n_shared=args.n_shared)
     variants = {
         "NTP (dense)": (dense, False),
@@ -94,9 +105,11 @@ def main() -> None:
         for x, y in batches:
             with autocast:
                 loss, _ = training_loss(model, nitp, x, y)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         sync(device)
         return 1000 * (time.perf_counter() - t0) / len(batches)
@@ -105,7 +118,7 @@ def main() -> None:
         run_steps(*parts)
     times, peaks = {name: [] for name in built}, []
     for _ in range(args.rounds):
-        peaks.append(matmul_peak(device))
+        peaks.append(matmul_peak(device, dtype))
         for name, parts in built.items():
             times[name].append(run_steps(*parts))
     peak = statistics.median(peaks)
@@ -113,7 +126,7 @@ def main() -> None:
     tokens = args.batch_size * args.block_size
     base_ms = statistics.median(times["NTP (dense)"])
     base_flops = flops_per_token(*built["NTP (dense)"][:2])
-    print(f"device {device} | threads {torch.get_num_threads()} | batch {args.batch_size} x {args.block_size} tokens"
+    print(f"device {device} | {str(dtype).removeprefix('torch.')} | threads {torch.get_num_threads()} | batch {args.batch_size} x {args.block_size} tokens"
           f" | matmul peak {peak / 1e9:.0f} GFLOP/s (median of {len(peaks)} rounds; "
           f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})")
     print(f"{'variant':20s} {'params':>14s} {'MFLOP/tok':>10s} {'ms/iter':>8s} {'tok/s':>8s} "

@@ -2,10 +2,11 @@
 
 For each seed, the NTP run and the NITP run start from the same initial weights (the backbone is built
 before the NITP head, from the same seed) and see the same batches in the same order (one batch generator,
-seeded the same). Only the NITP loss differs. While the NITP run trains, each evaluation is printed beside
-the NTP run's at the same step. The summary gives the final NITP − NTP deltas, their mean ± std over seeds,
-and whether each is larger than the seed-to-seed spread (the larger of the metric's std across the NTP runs
-and the delta's own std across seeds).
+seeded the same). Only the NITP loss differs. Both use train.py's own defaults: `python train.py --nitp` is
+the NITP half of seed 1337. While the NITP run trains, each evaluation is printed beside the NTP run's at the
+same step. The summary gives the final NITP − NTP deltas, their mean ± std over seeds, and whether each is
+larger than the seed-to-seed spread (the larger of the metric's std across the NTP runs and the delta's own
+std across seeds), then one line in plain words per claim.
 
 Everything lands in OUT_DIR: seed<S>-ntp/ and seed<S>-nitp/ (metrics.jsonl, ckpt.pt each), compare.json,
 and compare.png when matplotlib is installed.
@@ -18,39 +19,28 @@ from pathlib import Path
 import probe
 from data import labelled_sections
 
-# --compare trains longer than a plain run: at the 600 steps of train.py's defaults NITP has not yet moved
-# the effective rank beyond the seed-to-seed spread; at 1,500 it has (README, "Results at toy scale").
-COMPARE_STEPS = 1500
-
-
-def compare_schedule(args: argparse.Namespace) -> None:
-    """--compare's schedule, for each of these flags the command line leaves unset: COMPARE_STEPS steps, a
-    tenth of them warm-up and an evaluation every sixth of them (1,500 / 150 / 250), as train.py's own
-    defaults are (600 / 60 / 100)."""
-    if "max_iters" not in args.explicit:
-        args.max_iters = COMPARE_STEPS
-    if "warmup_iters" not in args.explicit:
-        args.warmup_iters = args.max_iters // 10
-    if "eval_interval" not in args.explicit:
-        args.eval_interval = max(1, args.max_iters // 6)
-
-METRICS = [("val_lm", "val loss", "{:.4f}"), ("val_nitp", "NITP loss", "{:.4f}"), ("erank", "eff. rank", "{:.2f}"),
-           ("anisotropy", "anisotropy", "{:.4f}"), ("ms_per_iter", "ms/iter", "{:.0f}"),
-           ("probe_acc", "probe acc", "{:.3f}"), ("retrieval_recall@1", "recall@1", "{:.3f}"),
-           ("retrieval_mrr", "MRR", "{:.3f}")]
+# key in the eval records, label, format, and which direction the paper says NITP moves it (None: no claim)
+METRICS = [("val_lm", "val loss", "{:.4f}", "not worse"), ("val_nitp", "NITP loss", "{:.4f}", None),
+           ("erank", "eff. rank", "{:.2f}", "higher"), ("anisotropy", "anisotropy", "{:.4f}", "lower"),
+           ("ms_per_iter", "ms/iter", "{:.0f}", None), ("probe_acc", "probe acc", "{:.3f}", "higher"),
+           ("retrieval_recall@1", "recall@1", "{:.3f}", "higher"), ("retrieval_mrr", "MRR", "{:.3f}", "higher")]
 
 
 def fmt(value, pattern: str) -> str:
     return "–" if value is None else pattern.format(value)
 
 
+def signed(pattern: str) -> str:
+    return "{:+" + pattern[2:]
+
+
 def print_side_by_side(ntp: dict, nitp: dict) -> None:
     print(f"  {'step ' + str(nitp['step']):12s} {'NTP':>10s} {'NITP':>10s} {'delta':>10s}")
-    for key, label, pattern in METRICS:
+    for key, label, pattern, _ in METRICS:
         if key not in ntp and key not in nitp:
             continue
         a, b = ntp.get(key), nitp.get(key)
-        delta = fmt(b - a, "{:+" + pattern[2:]) if a is not None and b is not None else "–"
+        delta = fmt(b - a, signed(pattern)) if a is not None and b is not None else "–"
         print(f"  {label:12s} {fmt(a, pattern):>10s} {fmt(b, pattern):>10s} {delta:>10s}")
 
 
@@ -62,13 +52,34 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def verdict(label: str, claim: str, delta: list[float], d_mean: float, d_std: float | None,
+            spread: float | None, pattern: str) -> str:
+    """One line in plain words: "effective rank: NITP higher in 3 of 3 seeds, +4.78 ± 1.59, 3.0× the seed spread"."""
+    n = len(delta)
+    up = sum(d > 0 for d in delta)
+    direction = f"NITP higher in {up} of {n} seeds" if claim != "lower" else f"NITP lower in {n - up} of {n} seeds"
+    if claim == "not worse":  # a loss: "higher" is worse
+        direction = f"NITP lower in {n - up} of {n} seeds"
+    size = plus_minus(d_mean, d_std, pattern, signed(pattern))
+    if spread is None:
+        return f"{label}: {direction}, {size} (one seed: no spread to compare with)"
+    ratio = abs(d_mean) / spread if spread > 0 else float("inf")
+    against = f"{ratio:.1f}× the seed spread" if ratio >= 1 else f"within the seed spread ({fmt(spread, pattern)})"
+    if claim == "not worse":
+        held = d_mean <= 0 or ratio < 1
+        return f"{label}: {direction}, {size}, {against}: NITP {'not worse' if held else 'WORSE'}"
+    moved = d_mean > 0 if claim == "higher" else d_mean < 0
+    held = moved and ratio >= 1
+    return f"{label}: {direction}, {size}, {against}: {'as the paper says' if held else 'not shown here'}"
+
+
 def summarize(finals: list[dict]) -> dict:
     """finals: per seed, {"NTP": final eval record, "NITP": ...}. Prints and returns the summary."""
     n = len(finals)
     print(f"\nsummary: final evaluation, NITP − NTP, over {n} seed{'s' * (n > 1)}")
     print(f"  {'metric':12s} {'NTP':>16s} {'NITP':>16s} {'delta':>17s} {'seed spread':>12s}  delta > spread?")
-    summary = {}
-    for key, label, pattern in METRICS:
+    summary, lines = {}, []
+    for key, label, pattern, claim in METRICS:
         if any(f["NTP"].get(key) is None or f["NITP"].get(key) is None for f in finals):
             continue  # the NITP loss does not exist for an NTP run
         ntp, nitp = ([f[run][key] for f in finals] for run in ("NTP", "NITP"))
@@ -77,18 +88,29 @@ def summarize(finals: list[dict]) -> dict:
         # The seed-to-seed spread: how much the metric moves between seeds (the NTP runs' std) or the delta
         # does (its std over seeds), whichever is larger. A delta inside it could be the seed, not NITP.
         spread = None if ntp_std is None else max(ntp_std, d_std)
-        verdict = "n/a (one seed)" if spread is None else ("yes" if abs(d_mean) > spread else "no")
-        signed = "{:+" + pattern[2:]
+        beyond = "n/a (one seed)" if spread is None else ("yes" if abs(d_mean) > spread else "no")
         print(f"  {label:12s} {plus_minus(ntp_mean, ntp_std, pattern):>16s} "
-              f"{plus_minus(nitp_mean, nitp_std, pattern):>16s} {plus_minus(d_mean, d_std, pattern, signed):>17s} "
-              f"{fmt(spread, pattern):>12s}  {verdict}")
+              f"{plus_minus(nitp_mean, nitp_std, pattern):>16s} {plus_minus(d_mean, d_std, pattern, signed(pattern)):>17s} "
+              f"{fmt(spread, pattern):>12s}  {beyond}")
         summary[key] = {"ntp": ntp, "nitp": nitp, "delta_mean": d_mean, "delta_std": d_std,
                         "spread": spread, "larger_than_spread": None if spread is None else abs(d_mean) > spread}
+        if claim is not None:
+            lines.append(verdict(label, claim, delta, d_mean, d_std, spread, pattern))
+    print("\nin plain words:")
+    for line in lines:
+        print("  " + line)
+    summary["verdicts"] = lines
     return summary
 
 
-def plot(out_dir: Path, seed: int) -> None:
-    """One PNG like the paper's Figures 1 and 5: effective rank, anisotropy, NITP loss, val loss over steps."""
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+
+
+def plot(out_dir: Path, seeds: list[int], nitp_layer: int) -> None:
+    """One PNG with every seed, like the paper's Figures 1 and 5 plus one panel of our own: effective rank,
+    anisotropy, NITP loss and validation loss over the steps, and effective rank by layer at the end. Thin
+    lines are seeds, bold lines their mean."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -96,20 +118,39 @@ def plot(out_dir: Path, seed: int) -> None:
     except ImportError:
         print("no plot: `pip install matplotlib` to get compare.png (everything else is in compare.json)")
         return
-    runs = {name: [json.loads(line) for line in (out_dir / f"seed{seed}-{name.lower()}" / "metrics.jsonl").open()]
-            for name in ("NTP", "NITP")}
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    for ax, key, title in zip(axes, ("erank", "anisotropy", "nitp", "val_lm"),
-                              ("effective rank (last layer)", "anisotropy (last layer)",
-                               "NITP training loss", "validation LM loss")):
-        for name, records in runs.items():
-            points = [(r["step"], r[key]) for r in records if key in r and r[key] is not None]
-            if points:
-                ax.plot(*zip(*points), label=name, lw=1 if key == "nitp" else 1.8,
-                        color="C0" if name == "NTP" else "C1")  # each run keeps its colour in every panel
+    runs = {name: [read_metrics(out_dir / f"seed{seed}-{name.lower()}") for seed in seeds] for name in ("NTP", "NITP")}
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
+    panels = [("erank", "effective rank (last layer)", True), ("anisotropy", "anisotropy (last layer)", True),
+              ("nitp", "NITP training loss", False), ("val_lm", "validation LM loss", True)]
+    for ax, (key, title, at_evals) in zip(axes, panels):
+        for name, color in (("NTP", "C0"), ("NITP", "C1")):
+            curves = [[(r["step"], r[key]) for r in records if bool(r.get("eval")) == at_evals
+                       and r.get(key) is not None and (key != "val_lm" or r["step"] > 0)]  # step 0: 5.5, off scale
+                      for records in runs[name]]
+            if not curves[0]:
+                continue
+            for curve in curves:
+                ax.plot(*zip(*curve), color=color, lw=0.6, alpha=0.5)
+            steps = [s for s, _ in curves[0]]
+            mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
+            ax.plot(steps, mean, color=color, lw=2, label=f"{name} (mean of {len(curves)})")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
+    ax = axes[-1]  # where in the depth: effective rank of each block's output at the final evaluation
+    for name, color in (("NTP", "C0"), ("NITP", "C1")):
+        finals = [[r for r in records if r.get("eval")][-1] for records in runs[name]]
+        by_layer = [f["erank_by_layer"] + [f["erank"]] for f in finals]  # embeddings, blocks 1..n, after ln_f
+        for values in by_layer:
+            ax.plot(values, color=color, lw=0.6, alpha=0.5, marker=".")
+        ax.plot([statistics.mean(v) for v in zip(*by_layer)], color=color, lw=2, marker="o", label=name)
+    n_layer = len(by_layer[0]) - 2
+    ax.axvline(nitp_layer, color="gray", ls="--", lw=1)
+    ax.text(nitp_layer, ax.get_ylim()[1], " NITP target", fontsize=8, va="top", color="gray")
+    ax.set_xticks(range(n_layer + 2), ["emb"] + [str(i) for i in range(1, n_layer + 1)] + ["ln_f"])
+    ax.set_title("effective rank by layer (final step)", fontsize=10)
+    ax.set_xlabel("block output")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "compare.png", dpi=80)
     print(f"plot: {out_dir / 'compare.png'}")
@@ -118,26 +159,31 @@ def plot(out_dir: Path, seed: int) -> None:
 def compare(args: argparse.Namespace, setup, train) -> None:
     """Run NTP and NITP for args.seeds seeds starting at args.seed; setup/train are train.py's."""
     out_dir = Path(args.out_dir)
+    seeds = list(range(args.seed, args.seed + args.seeds))
     finals, baselines = [], []
-    for seed in range(args.seed, args.seed + args.seeds):
+    for seed in seeds:
         results, models = {}, {}
         for name, use_nitp in (("NTP", False), ("NITP", True)):
             print(f"\n=== seed {seed}: {name} ===")
-            run_args = argparse.Namespace(**{**vars(args), "nitp": use_nitp, "seed": seed,
+            run_args = argparse.Namespace(**{**vars(args), "nitp": use_nitp, "seed": seed, "compare": False,
                                              "out_dir": str(out_dir / f"seed{seed}-{name.lower()}")})
             ntp_by_step = {r["step"]: r for r in results.get("NTP", [])}
             show = (lambda r: print_side_by_side(ntp_by_step[r["step"]], r)) if use_nitp else None
             run = setup(run_args)
-            results[name], models[name] = train(run, on_eval=show), run["model"]
+            results[name], models[name] = train(run, on_eval=show, sample=False), run["model"]
+            nitp_layer = run["nitp"].layer if use_nitp else None
         # The frozen-representation tasks (probe.py), on each final model, beside the sanity baselines.
         print(f"\n=== seed {seed}: frozen representations ===")
         sections = labelled_sections(args.data, run["dataset"].tokenizer)
         rows = probe.report(models, sections, args.block_size, seed)
         baselines.append({k: v for k, v in rows.items() if k not in models})
-        finals.append({name: {**results[name][-1], **rows[name]} for name in models})
+        # ms/iter over the whole run (an eval record holds only the steps since the evaluation before it)
+        finals.append({name: {**results[name][-1], **rows[name], "ms_per_iter": statistics.mean(
+            r["ms"] for r in read_metrics(out_dir / f"seed{seed}-{name.lower()}") if not r.get("eval"))}
+            for name in models})
     summary = summarize(finals)
     (out_dir / "compare.json").write_text(json.dumps(
-        {"seeds": list(range(args.seed, args.seed + args.seeds)), "summary": summary,
-         "finals": finals, "probe_baselines": baselines, "args": {k: v for k, v in vars(args).items() if k != "explicit"}}, indent=1))
+        {"seeds": seeds, "summary": summary, "finals": finals, "probe_baselines": baselines,
+         "args": vars(args)}, indent=1))
     print(f"summary: {out_dir / 'compare.json'}")
-    plot(out_dir, args.seed)
+    plot(out_dir, seeds, nitp_layer)

@@ -1,8 +1,10 @@
 """A small GPT in the style of nanoGPT: pre-LN transformer blocks, causal self-attention, tied embeddings.
 
-Nothing here is specific to NITP except one thing: `forward` can hand back, from the same pass, the output
-of an intermediate block (`tap_layer`). NITP uses it as its target; see nitp.py.
+Nothing here is specific to NITP. `forward` hands back, beside the logits, the output of every block from
+the same pass (`block_outputs`, like Hugging Face's `output_hidden_states`): NITP takes its target from
+there (see nitp.py), and the evaluation measures the geometry of every layer.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -53,7 +55,7 @@ class GPTOutput:
     logits: torch.Tensor                # (B, T, V)
     loss: torch.Tensor | None           # next-token cross-entropy, if targets were given
     hidden: torch.Tensor                # (B, T, d) final hidden states: the LM head's input (after ln_f)
-    tapped: torch.Tensor | None = None  # (B, T, d) output of block `tap_layer` (0 = the embeddings)
+    block_outputs: tuple[torch.Tensor, ...]   # n_layer + 1 of (B, T, d): [0] the embeddings, [k] block k's output
     aux_loss: torch.Tensor | None = None      # MoE only: weighted balancing + z-loss, for training only
     expert_share: torch.Tensor | None = None  # MoE only: (n_moe_layers, E) fraction of routed slots per expert
 
@@ -102,12 +104,17 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, d) tokens. Returns the router logits and probabilities (N, E), and each token's k experts
         with their gate weights (N, k)."""
-        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32
+        # Routing decisions in fp32, out of autocast. Only CUDA and the CPU ever autocast here (MPS trains in
+        # fp32, and torch before 2.5 refuses even a disabled autocast on MPS), so only they need the switch.
+        fp32 = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") \
+            else contextlib.nullcontext()
+        with fp32:
             logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
         probs = logits.softmax(dim=-1)                       # (N, E) softmax over all experts
-        gates, chosen = probs.topk(self.top_k, dim=-1)       # (N, k), (N, k)
-        # Renormalizing the k probabilities equals a softmax over the k chosen logits.
-        gates = gates / gates.sum(dim=-1, keepdim=True)      # (N, k), each row sums to 1
+        # The gates are the chosen experts' probabilities themselves, not renormalized over the k (Switch,
+        # DeepSeek-V2). Renormalizing (Mixtral) would make the single gate of top-1 routing exactly 1, and
+        # the router would learn from the balancing loss alone, never from the LM loss.
+        gates, chosen = probs.topk(self.top_k, dim=-1)       # (N, k), (N, k); each row sums to at most 1
         return logits, probs, gates, chosen
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -119,6 +126,8 @@ class MoE(nn.Module):
         order = slot_expert.argsort(stable=True)                  # (N·k,) slots sorted by expert
         counts = torch.bincount(slot_expert, minlength=len(self.experts))  # (E,) tokens per expert
         token = order // self.top_k                               # (N·k,) the token of each sorted slot
+        # counts.tolist() waits for the device, once per MoE layer and forward pass (and splits a compiled
+        # graph there): the price of running each expert on exactly its own tokens, with plain Python.
         chunks = x[token].split(counts.tolist())                  # E pieces of (n_e, d)
         y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (N·k, d)
         y = y * gates.flatten()[order, None]                      # weight by the gate
@@ -188,29 +197,26 @@ class GPT(nn.Module):
                     total -= unused * sum(p.numel() for p in block.mlp.experts[0].parameters())
         return total
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                tap_layer: int | None = None) -> GPTOutput:
-        """idx, targets: (B, T) token ids. tap_layer=k also returns the output of block k (1-based;
-        0 = the embedding output) from this same pass."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> GPTOutput:
+        """idx, targets: (B, T) token ids."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, d)
-        tapped = x if tap_layer == 0 else None
+        block_outputs = [x]                # kept alive for the backward pass anyway: listing them costs nothing
         router_stats = []
-        for layer, block in enumerate(self.blocks, start=1):
+        for block in self.blocks:
             x, stats = block(x)  # (B, T, d)
+            block_outputs.append(x)
             if stats is not None:
                 router_stats.append(stats)
-            if layer == tap_layer:
-                tapped = x
         hidden = self.ln_f(x)           # (B, T, d)
         logits = self.lm_head(hidden)   # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T))
-        out = GPTOutput(logits, loss, hidden, tapped)
+        out = GPTOutput(logits, loss, hidden, tuple(block_outputs))
         if router_stats:  # averaged over the MoE layers; kept out of `loss`, which stays the pure LM loss
             c = self.config
             out.aux_loss = (c.aux_loss_coef * torch.stack([s["balance"] for s in router_stats]).mean()
@@ -228,6 +234,9 @@ class GPT(nn.Module):
             if top_k is not None:
                 kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
                 logits = logits.masked_fill(logits < kth_best, float("-inf"))
-            next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            # Sample on the CPU, in fp32: MPS's multinomial has been seen to pick masked (zero-probability)
+            # tokens, and one token per step is no work for a GPU anyway.
+            probs = F.softmax(logits.float(), dim=-1).cpu()                   # (B, V)
+            next_token = torch.multinomial(probs, num_samples=1).to(idx.device)  # (B, 1)
             idx = torch.cat([idx, next_token], dim=1)
         return idx

@@ -61,7 +61,8 @@ class NITPConfig:
 
 
 def default_layer(n_layer: int) -> int:
-    """k ≈ 20% of the depth, as in the paper (4 of 17, 5 of 24, 6 of 28 layers), and never the embeddings."""
+    """k = round(0.2 · n_layer), at least 1 (never the embeddings). The paper picks 4 of 17, 5 of 24 and 6 of
+    28 layers; this rule gives 3, 5 and 6: it matches the paper at 24 and 28 layers, not at 17."""
     return max(1, round(0.2 * n_layer))
 
 
@@ -97,24 +98,24 @@ class NITP(nn.Module):
         for p in self.head.parameters():
             nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def distances(self, hidden: torch.Tensor, tapped: torch.Tensor) -> torch.Tensor:
-        """hidden: (B, T, d) final hidden states h; tapped: (B, T, d) block-k outputs z.
+    def distances(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """h: (B, T, d) final hidden states; z: (B, T, d) outputs of block k, from the same pass.
         Returns (B, T-shift): entry t is the distance between P(h_t) and z_{t+shift}."""
         s = self.config.shift
-        T = hidden.size(1)
-        pred = self.head(hidden[:, :T - s]).float()  # (B, T-s, d)  P(h_t) for t = 0 .. T-1-s
-        target = tapped[:, s:].float()               # (B, T-s, d)  z_{t+s}: the last h has no z_{t+1}
+        T = h.size(1)
+        pred = self.head(h[:, :T - s]).float()  # (B, T-s, d)  P(h_t) for t = 0 .. T-1-s
+        target = z[:, s:].float()               # (B, T-s, d)  z_{t+s}: the last h has no z_{t+1}
         if self.config.stopgrad:
-            target = target.detach()                 # sg(z): z is a target, never pulled towards P(h)
+            target = target.detach()            # sg(z): z is a target, never pulled towards P(h)
         if self.config.loss == "cosine":
             return 1 - F.cosine_similarity(pred, target, dim=-1)
         if self.config.loss == "mse":
             return F.mse_loss(pred, target, reduction="none").mean(dim=-1)
         return F.smooth_l1_loss(pred, target, reduction="none").mean(dim=-1)
 
-    def forward(self, hidden: torch.Tensor, tapped: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """L_NITP: the mean distance over all positions that have a target."""
-        return self.distances(hidden, tapped).mean()
+        return self.distances(h, z).mean()
 
 
 def training_loss(model: nn.Module, nitp: NITP | None, x: torch.Tensor, y: torch.Tensor,
@@ -122,12 +123,11 @@ def training_loss(model: nn.Module, nitp: NITP | None, x: torch.Tensor, y: torch
     """One training step's loss, from ONE backbone pass: L_NTP + λ · L_NITP (+ the MoE auxiliary loss).
 
     Returns the total (to backpropagate) and its parts (to log). With nitp=None this is plain NTP."""
-    use_nitp = nitp is not None and step >= nitp.config.start
-    out = model(x, y, tap_layer=nitp.layer if use_nitp else None)
+    out = model(x, y)
     parts = {"lm": out.loss}
     total = out.loss
-    if use_nitp:
-        parts["nitp"] = nitp(out.hidden, out.tapped)
+    if nitp is not None and step >= nitp.config.start:
+        parts["nitp"] = nitp(out.hidden, out.block_outputs[nitp.layer])  # h, and z from the same pass
         total = total + nitp.config.lam * parts["nitp"]
     if out.aux_loss is not None:  # MoE models: router load balancing, already weighted
         parts["moe_aux"] = out.aux_loss
@@ -136,14 +136,24 @@ def training_loss(model: nn.Module, nitp: NITP | None, x: torch.Tensor, y: torch
 
 
 # ----------------------------------------------------------------------------------------------------
-# What NITP claims to change: the geometry of the last hidden states. Inputs are (N, d) states.
+# What NITP claims to change: the geometry of the last hidden states. Inputs are (N, d) states, of any dtype
+# on any device; both metrics copy them to the CPU in fp32 first, so that they give the same numbers wherever
+# the model trained (and run where eigvalsh and entr have no GPU kernel, as on MPS). That costs milliseconds.
+
+def _cpu_fp32(states: torch.Tensor) -> torch.Tensor:
+    return states.detach().to("cpu", torch.float32)
+
 
 @torch.no_grad()
 def effective_rank(states: torch.Tensor) -> float:
     """exp(entropy) of the normalized eigenvalues of the covariance of the mean-centred states.
 
-    d equally used directions give d; a single direction gives 1."""
-    x = states.float() - states.float().mean(dim=0)  # (N, d)
+    d equally used directions give d; a single direction gives 1. This is the paper's definition. Roy &
+    Vetterli's effective rank normalizes the singular values of the centred states instead; the covariance
+    eigenvalues are those singular values squared, which weighs the leading directions more and gives a
+    lower number. We follow the paper, to compare with its figures."""
+    states = _cpu_fp32(states)
+    x = states - states.mean(dim=0)                    # (N, d)
     cov = x.T @ x / (x.size(0) - 1)                    # (d, d)
     eigenvalues = torch.linalg.eigvalsh(cov).clamp(min=0)  # (d,) tiny negatives are rounding noise
     p = eigenvalues / eigenvalues.sum()
@@ -154,7 +164,7 @@ def effective_rank(states: torch.Tensor) -> float:
 def anisotropy(states: torch.Tensor) -> float:
     """Mean cosine similarity over all pairs of distinct states: 0 for directions spread evenly, 1 for one
     direction."""
-    u = F.normalize(states.float(), dim=-1)  # (N, d) unit vectors
+    u = F.normalize(_cpu_fp32(states), dim=-1)  # (N, d) unit vectors
     n = u.size(0)
     total = u.sum(dim=0)                       # (d,)  |Σ u_i|² = Σ_i Σ_j cos(u_i, u_j), diagonal included
     return ((total @ total - n) / (n * (n - 1))).item()

@@ -61,14 +61,15 @@ def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def embed(model: GPT, ids: torch.Tensor, mask: torch.Tensor, bag_of_tokens: bool = False,
           batch_size: int = 64) -> torch.Tensor:
     """Frozen embeddings (M, d): the pooled final hidden states (after ln_f), or with bag_of_tokens the
-    pooled input token embeddings, a baseline that ignores order and context."""
+    pooled input token embeddings, a baseline that ignores order and context. Pooled in fp32 on the CPU,
+    whatever device the model is on, so that the scores do not depend on where it trained."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(ids), batch_size):
-        x, m = ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)
+        x = ids[i:i + batch_size].to(device)
         states = model.wte(x) if bag_of_tokens else model(x).hidden  # (b, T, d)
-        out.append(mean_pool(states.float(), m).cpu())
+        out.append(mean_pool(states.to("cpu", torch.float32), mask[i:i + batch_size]))
     return torch.cat(out)
 
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -72,15 +73,15 @@ def test_the_term_at_t_targets_the_block_k_output_at_t_plus_1():
     t = 5
     changed = idx.clone()
     changed[:, t + 1] = (changed[:, t + 1] + 1) % 50
-    out = model(idx, tap_layer=nitp.layer)
-    out_changed = model(changed, tap_layer=nitp.layer)
+    out, out_changed = model(idx), model(changed)
+    k = nitp.layer
     # Keep h fixed, swap in the other z: only the term whose target is z_{t+1} may move.
-    before = nitp.distances(out.hidden, out.tapped)             # (B, T-1)
-    after = nitp.distances(out.hidden, out_changed.tapped)
+    before = nitp.distances(out.hidden, out.block_outputs[k])             # (B, T-1)
+    after = nitp.distances(out.hidden, out_changed.block_outputs[k])
     moved = (before - after).abs().amax(dim=0) > 1e-6           # (T-1,)
     assert moved[t] and not moved[:t].any()
     # The term at t does not look at z_t: changing only z_t leaves every term as it was except t-1.
-    z = out.tapped.clone()
+    z = out.block_outputs[k].clone()
     z[:, t] += 1.0
     moved = (before - nitp.distances(out.hidden, z)).abs().amax(dim=0) > 1e-6
     assert moved.nonzero().flatten().tolist() == [t - 1]
@@ -89,11 +90,11 @@ def test_the_term_at_t_targets_the_block_k_output_at_t_plus_1():
 def test_the_last_position_contributes_nothing():
     """h at the last position has no t+1: L_NITP has no gradient for it, and there are T-1 terms."""
     model, nitp = tiny_model(), tiny_nitp()
-    out = model(tokens(T=10), tap_layer=nitp.layer)
-    hidden = out.hidden.detach().requires_grad_()
-    loss = nitp(hidden, out.tapped)
+    out = model(tokens(T=10))
+    hidden, z = out.hidden.detach().requires_grad_(), out.block_outputs[nitp.layer]
+    loss = nitp(hidden, z)
     loss.backward()
-    assert nitp.distances(hidden, out.tapped).shape == (3, 9)
+    assert nitp.distances(hidden, z).shape == (3, 9)
     assert hidden.grad[:, -1].abs().max() == 0
     assert hidden.grad[:, :-1].abs().amax(dim=-1).min() > 0
 
@@ -101,8 +102,8 @@ def test_the_last_position_contributes_nothing():
 def backbone_grads(model, nitp, idx):
     """Gradients of L_NITP alone on every backbone parameter."""
     model.zero_grad()
-    out = model(idx, tap_layer=nitp.layer)
-    nitp(out.hidden, out.tapped).backward()
+    out = model(idx)
+    nitp(out.hidden, out.block_outputs[nitp.layer]).backward()
     return {name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             for name, p in model.named_parameters()}
 
@@ -114,7 +115,7 @@ def test_no_gradient_flows_through_the_target():
     idx = tokens()
     grads = backbone_grads(model, nitp, idx)
     with torch.no_grad():
-        constant_z = model(idx, tap_layer=nitp.layer).tapped
+        constant_z = model(idx).block_outputs[nitp.layer]
     model.zero_grad()
     out = model(idx)
     nitp(out.hidden, constant_z).backward()
@@ -126,8 +127,8 @@ def test_no_gradient_flows_through_the_target():
 def test_the_projection_head_receives_gradients():
     """Every weight of the SwiGLU head gets a non-zero gradient from L_NITP."""
     model, nitp = tiny_model(), tiny_nitp()
-    out = model(tokens(), tap_layer=nitp.layer)
-    nitp(out.hidden, out.tapped).backward()
+    out = model(tokens())
+    nitp(out.hidden, out.block_outputs[nitp.layer]).backward()
     assert sum(p.numel() for p in nitp.parameters()) == 12 * 16 * 16
     for name, p in nitp.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, name
@@ -159,10 +160,10 @@ def test_the_backbone_runs_once_per_training_step():
     assert sorted(calls) == sorted(["wte", "block0", "block1", "block2", "block3"])
 
 
-def test_the_dense_model_compiles_to_one_graph_with_the_nitp_tap():
-    """--compile compiles the model; the dense forward pass, the block-k tap included, has no graph break."""
+def test_the_dense_model_compiles_to_one_graph_with_every_block_output():
+    """--compile compiles the model; the dense forward pass, returning every block's output, has no graph break."""
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(tiny_model())(tokens(), tokens(seed=1), tap_layer=1)
+    explained = torch._dynamo.explain(tiny_model())(tokens(), tokens(seed=1))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
@@ -173,17 +174,17 @@ def test_total_loss_is_ntp_plus_lambda_times_nitp():
 
 
 def test_default_target_layer_is_a_fifth_of_the_depth_and_never_the_embeddings():
-    """k = round(0.2 · n_layer), at least 1: the paper's 4/17, 5/24, 6/28."""
+    """k = round(0.2 · n_layer), at least 1: the paper's 5 of 24 and 6 of 28, but 3 of 17 where it took 4."""
     assert [default_layer(n) for n in (1, 4, 12, 17, 24, 28)] == [1, 1, 2, 3, 5, 6]
 
 
 def test_layer_zero_targets_the_embeddings():
-    """k = 0 taps the embedding output: token plus position embeddings."""
+    """k = 0 takes the embedding output: token plus position embeddings."""
     model = tiny_model()
     idx = tokens()
-    out = model(idx, tap_layer=0)
+    out = model(idx)
     expected = model.wte(idx) + model.wpe(torch.arange(idx.size(1)))
-    assert torch.equal(out.tapped, expected)
+    assert len(out.block_outputs) == 4 + 1 and torch.equal(out.block_outputs[0], expected)
 
 
 # ---------------------------------------------------------------------------------------------------- ablations
@@ -193,17 +194,19 @@ def test_nitp_layer_selects_which_block_output_is_the_target():
     model = tiny_model()
     seen = []
     model.blocks[2].register_forward_hook(lambda m, i, o: seen.append(o[0]))
-    out = model(tokens(), tap_layer=3)
-    assert torch.equal(out.tapped, seen[0])
-    assert tiny_nitp(layer=3).layer == 3
+    out = model(tokens())
+    assert torch.equal(out.block_outputs[3], seen[0])
+    nitp = tiny_nitp(layer=3)
+    _, parts = training_loss(model, nitp, tokens(), tokens(seed=1))
+    assert parts["nitp"].item() == pytest.approx(nitp(out.hidden, seen[0]).item(), rel=1e-6)
 
 
 def test_shift_zero_pairs_each_position_with_itself():
     """--nitp-shift 0: T terms, and the term at t moves only when z_t moves."""
     model, nitp = tiny_model(), tiny_nitp(shift=0)
-    out = model(tokens(), tap_layer=nitp.layer)
-    before = nitp.distances(out.hidden, out.tapped)
-    z = out.tapped.clone()
+    out = model(tokens())
+    before = nitp.distances(out.hidden, out.block_outputs[nitp.layer])
+    z = out.block_outputs[nitp.layer].clone()
     z[:, 4] += 1.0
     moved = (before - nitp.distances(out.hidden, z)).abs().amax(dim=0) > 1e-6
     assert before.shape == (3, 12) and moved.nonzero().flatten().tolist() == [4]
@@ -380,12 +383,21 @@ def test_moe_equals_the_dense_reference(n_expert, top_k, n_shared):
     assert torch.allclose(out, dense_reference(moe, x), atol=1e-5)
 
 
-def test_gates_are_non_negative_and_sum_to_one():
-    """Each token's k gate weights are a distribution over its chosen experts."""
-    _, _, gates, chosen = moe_layer(8, 3).route(torch.randn(50, 16))
+def test_gates_are_the_router_probabilities_of_the_chosen_experts():
+    """Each token's k gates are its k largest router probabilities, not renormalized: they sum to at most 1."""
+    _, probs, gates, chosen = moe_layer(8, 3).route(torch.randn(50, 16))
     assert gates.shape == chosen.shape == (50, 3)
-    assert (gates >= 0).all() and torch.allclose(gates.sum(dim=-1), torch.ones(50))
+    assert torch.equal(gates, probs.gather(1, chosen)) and (gates.sum(dim=-1) < 1).all()
     assert all(len(set(row)) == 3 for row in chosen.tolist())  # k distinct experts per token
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_the_router_learns_from_the_lm_loss_at_every_k(top_k):
+    """With the balancing and z losses off, the LM loss alone still reaches the router, top-1 included
+    (a renormalized single gate would be exactly 1 and carry no gradient)."""
+    model = tiny_model(n_expert=4, top_k=top_k, aux_loss_coef=0.0)
+    model(tokens(), tokens(seed=1)).loss.backward()
+    assert all(block.mlp.router.weight.grad.abs().max() > 0 for block in model.blocks[1:])
 
 
 def test_each_expert_runs_only_on_its_tokens():
@@ -616,6 +628,7 @@ def test_training_writes_metrics_and_a_weights_only_checkpoint(tmp_path, capsys)
     evals = [r for r in records if r.get("eval")]
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(r["val_nitp"] is not None and r["erank"] >= 1 and -1 <= r["anisotropy"] <= 1 for r in evals)
+    assert all(len(r["erank_by_layer"]) == 2 + 1 for r in evals)  # the embeddings and each of the 2 blocks
     assert all({"lm", "nitp", "loss"} <= set(r) for r in records if not r.get("eval"))
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 6 and ckpt["args"]["nitp"] and "versions" in ckpt and ckpt["nitp"] is not None
@@ -635,10 +648,12 @@ def test_moe_training_logs_the_aux_loss_and_expert_shares(tmp_path, capsys):
     assert "-A" in printed.splitlines()[0] and "busiest expert" in printed
 
 
-@pytest.mark.parametrize("model_flags", [[], ["--n-expert", "4", "--top-k", "2"]], ids=["dense", "moe"])
+@pytest.mark.parametrize("model_flags", [[], ["--n-expert", "4", "--top-k", "2"], ["--dtype", "float16"]],
+                         ids=["dense", "moe", "fp16-with-scaler"])
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(model_flags, tmp_path, monkeypatch, capsys):
     """Ctrl-C saves a checkpoint; --resume continues with the same per-step losses and the same final
-    weights, bit for bit, as a run that was never interrupted (NITP on, dense and MoE)."""
+    weights, bit for bit, as a run that was never interrupted (NITP on; dense, MoE, and fp16 autocast, whose
+    gradient scaler's state travels in the checkpoint)."""
     args = TINY + model_flags + ["--nitp", "--max-iters", "10", "--eval-interval", "4"]
     train.main(args + ["--out-dir", str(tmp_path / "a")])
 
@@ -660,6 +675,8 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(model_flags, t
 
     losses = [[r["loss"] for r in read_metrics(tmp_path / run) if not r.get("eval")] for run in "ab"]
     assert len(losses[0]) == 10 and losses[0] == losses[1]
+    scalers = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["scaler"] for run in "ab"]
+    assert scalers[0] == scalers[1] and (scalers[0] != {}) == ("float16" in model_flags)
     weights = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in "ab"]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
@@ -669,8 +686,8 @@ def test_compare_starts_both_runs_from_the_same_weights_and_batches(tmp_path, mo
     real_setup, real_get_batch = train.setup, train.get_batch
     initial_weights, batches = [], []
 
-    def recording_setup(args):
-        run = real_setup(args)
+    def recording_setup(args, ckpt=None):
+        run = real_setup(args, ckpt)
         if "seed" in Path(args.out_dir).name:  # the two training runs, not main()'s up-front check
             initial_weights.append({k: v.clone() for k, v in run["model"].state_dict().items()})
             batches.append([])
@@ -684,7 +701,8 @@ def test_compare_starts_both_runs_from_the_same_weights_and_batches(tmp_path, mo
 
     monkeypatch.setattr(train, "setup", recording_setup)
     monkeypatch.setattr(train, "get_batch", recording_get_batch)
-    train.main(TINY + ["--compare", "--max-iters", "4", "--eval-interval", "2", "--out-dir", str(tmp_path)])
+    train.main(TINY + ["--compare", "--seeds", "1", "--max-iters", "4", "--eval-interval", "2",
+                       "--out-dir", str(tmp_path)])
     ntp, nitp = initial_weights
     assert ntp.keys() == nitp.keys() and all(torch.equal(ntp[k], nitp[k]) for k in ntp)
     assert len(batches[0]) == 2 + 4 and all(torch.equal(a, b) for a, b in zip(*batches))
@@ -711,16 +729,16 @@ def test_compare_with_seeds_writes_its_summary(tmp_path, capsys):
     assert made - {"compare.png"} == {"seed1337-ntp", "seed1337-nitp", "seed1338-ntp", "seed1338-nitp", "compare.json"}
 
 
-def test_compare_has_its_own_longer_schedule_unless_flags_say_otherwise():
-    """--compare trains 1,500 steps by default (README: the setting where the effect exceeds the seed spread),
-    with a tenth of them warm-up and an evaluation every sixth; a flag given on the command line wins, the
-    others follow its --max-iters, and a plain run keeps train.py's own defaults."""
+def test_compare_runs_three_seeds_of_train_pys_own_defaults():
+    """--compare is three seeds of the default run: the same model and schedule as `train.py --nitp`. Warm-up
+    and evaluation follow --max-iters (a tenth each) unless given."""
     plain, compared = train.parse_args([]), train.parse_args(["--compare"])
-    assert (plain.max_iters, plain.warmup_iters, plain.eval_interval) == (600, 60, 100)
-    assert (compared.max_iters, compared.warmup_iters, compared.eval_interval) == (1500, 150, 250)
-    chosen = train.parse_args(["--compare", "--max-iters=60", "--eval-interval", "7"])
-    assert (chosen.max_iters, chosen.warmup_iters, chosen.eval_interval) == (60, 6, 7)
-    assert train.parse_args(["--compare", "--max-iters", "3"]).eval_interval == 1
+    assert compared.seeds == 3
+    assert {k: v for k, v in vars(plain).items() if k != "compare"} == \
+        {k: v for k, v in vars(compared).items() if k != "compare"}
+    chosen = train.parse_args(["--max-iters=60", "--eval-interval", "7"])
+    assert (chosen.warmup_iters, chosen.eval_interval) == (6, 7)
+    assert train.parse_args(["--max-iters", "3"]).eval_interval == 1
 
 
 def train_py(*argv: str, launcher: tuple[str, ...] = (), **popen_kw) -> subprocess.Popen:
@@ -827,6 +845,11 @@ BAD_INPUTS = {
     "resume with a foreign file": (["--resume", "--out-dir", "{foreign}"], "not a version-1"),
     "resume with a truncated checkpoint": (["--resume", "--out-dir", "{truncated}"], "damaged"),
     "resume with parts of a checkpoint missing": (["--resume", "--out-dir", "{incomplete}"], "not a version-1"),
+    "out-dir is a file": (["--out-dir", "{empty}"], "is a file"),
+    "out-dir below a file": (["--out-dir", "{empty}/run"], "is a file"),
+    "out-dir that cannot be created": (["--out-dir", "/proc/nitp-run"], "cannot write"),
+    "infinite learning rate": (["--learning-rate", "inf"], "finite"),
+    "NaN lambda": (["--nitp", "--nitp-lambda", "nan"], "finite"),
 }
 
 
@@ -858,6 +881,42 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path, capsy
     assert exit_info.value.code == 2
     assert len(err.strip().splitlines()) == 1 and expected in err and "Traceback" not in err
     assert not out_dir.exists()
+
+
+def test_every_float_flag_refuses_non_finite_numbers(capsys):
+    float_flags = [a.option_strings[0] for a in train.make_parser()._actions if a.type is train.finite_float]
+    assert len(float_flags) >= 6
+    for flag in float_flags:
+        for value in ("inf", "-inf", "nan"):
+            with pytest.raises(SystemExit) as exit_info:
+                train.parse_args([f"{flag}={value}"])
+            assert exit_info.value.code == 2 and "finite" in capsys.readouterr().err, (flag, value)
+
+
+def test_under_torchrun_a_user_error_is_printed_once(tmp_path, monkeypatch, capsys):
+    """Every rank exits with status 2, but only rank 0 says why."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        for argv in (["--n-layers", "3"], ["--data", str(tmp_path / "missing.txt")]):
+            with pytest.raises(SystemExit) as exit_info:
+                train.main(argv + ["--out-dir", str(tmp_path / "out")])
+            assert exit_info.value.code == 2 and bool(capsys.readouterr().err) == printed
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path, capsys):
+    """An exact continuation needs the world size the checkpoint was written with (the batches are sliced by
+    rank): a mismatch is refused with the command that fits."""
+    out = tmp_path / "run"
+    train.main(TINY + ["--max-iters", "2", "--out-dir", str(out)])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["world_size"] == 1
+    ckpt["world_size"] = 2
+    torch.save(ckpt, out / "ckpt.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--nproc_per_node=2" in err and len(err.strip().splitlines()) == 1
 
 
 def test_resume_with_a_different_model_shape_is_refused(tmp_path, capsys):
@@ -904,6 +963,145 @@ def test_the_command_line_reports_errors_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "not found" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- devices and precision
+
+CUDA, MPS, CPU = torch.device("cuda"), torch.device("mps"), torch.device("cpu")
+
+
+def gpu_of_capability(monkeypatch, capability: tuple[int, int]) -> None:
+    """Stand in for a CUDA GPU of this compute capability: pick_dtype and check_compile ask only this."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+@pytest.mark.parametrize("device,capability,expected", [
+    (CUDA, (9, 0), torch.bfloat16), (CUDA, (8, 0), torch.bfloat16),  # H100, A100: native bf16
+    (CUDA, (7, 5), torch.float16), (CUDA, (7, 0), torch.float16),    # T4, V100: bf16 only emulated
+    (CPU, None, torch.float32), (MPS, None, torch.float32)])
+def test_auto_precision_follows_the_device(device, capability, expected, monkeypatch):
+    gpu_of_capability(monkeypatch, capability)
+    assert train.pick_dtype("auto", device) == expected
+
+
+def test_a_precision_the_device_cannot_run_is_refused(monkeypatch):
+    gpu_of_capability(monkeypatch, (7, 5))
+    with pytest.raises(ValueError, match="compute capability 7.5.*float16"):
+        train.pick_dtype("bfloat16", CUDA)
+    assert train.pick_dtype("float16", CUDA) == torch.float16 and train.pick_dtype("float32", CUDA) == torch.float32
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(ValueError, match="MPS.*float32"):
+            train.pick_dtype(dtype, MPS)
+    assert [train.pick_dtype(d, CPU) for d in ("bfloat16", "float16")] == [torch.bfloat16, torch.float16]
+
+
+def test_compile_is_refused_where_it_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match="MPS"):
+        train.check_compile(MPS)
+    gpu_of_capability(monkeypatch, (6, 1))  # a GTX 10xx: below Triton's minimum
+    with pytest.raises(ValueError, match="7.0"):
+        train.check_compile(CUDA)
+    gpu_of_capability(monkeypatch, (7, 5))
+    train.check_compile(CUDA)
+    train.check_compile(CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_nitp_with_moe_trains_under_autocast_with_the_router_in_fp32(dtype, tmp_path, capsys):
+    """CPU autocast stands in for the GPU's: matmuls run in the low precision, the router stays in fp32, and a
+    few training steps of NITP on an MoE model give finite losses."""
+    model = tiny_model(n_expert=4, top_k=2)
+    router_logits = []
+    model.blocks[1].mlp.register_forward_hook(lambda m, i, o: router_logits.append(m.route(i[0].flatten(0, 1))[0]))
+    with train.autocast_for(CPU, dtype):
+        out = model(tokens(), tokens(seed=1))
+    assert out.logits.dtype == dtype and router_logits[0].dtype == torch.float32
+    name = str(dtype).removeprefix("torch.")
+    train.main(TINY + ["--nitp", "--n-expert", "4", "--top-k", "2", "--dtype", name, "--max-iters", "4",
+                       "--out-dir", str(tmp_path)])
+    steps = [r for r in read_metrics(tmp_path) if not r.get("eval")]
+    assert len(steps) == 4 and all(np.isfinite([r["lm"], r["nitp"], r["moe_aux"]]).all() for r in steps)
+    # fp16's scaler starts at 2^16 and may skip the first steps while it finds its scale; bf16 has no scaler.
+    assert all(r.get("skipped") or np.isfinite(r["grad_norm"]) for r in steps)
+    assert not any(r.get("skipped") for r in steps) or dtype == torch.float16
+    assert name in capsys.readouterr().out.splitlines()[0]
+
+
+def poison_once_at_step_6(monkeypatch, poison) -> None:
+    real_training_loss = train.training_loss
+
+    def poisoned(model, nitp, x, y, step):
+        loss, parts = real_training_loss(model, nitp, x, y, step)
+        return poison(loss, parts) if step + 1 == 6 else (loss, parts)
+
+    monkeypatch.setattr(train, "training_loss", poisoned)
+
+
+def test_under_fp16_inf_gradients_skip_the_step_and_the_run_goes_on(tmp_path, monkeypatch):
+    """With --dtype float16 the gradient scaler owns overflow: step 6's inf gradients make it skip that update
+    and halve its scale, the run finishes, and metrics.jsonl marks the step as skipped. (The scaler may also
+    skip a first step or two while it finds its scale: the same ones in a run without the poison.)"""
+    args = TINY + ["--nitp", "--dtype", "float16", "--max-iters", "8", "--eval-interval", "8"]
+    train.main(args + ["--out-dir", str(tmp_path / "clean")])
+    poison_once_at_step_6(monkeypatch, poison_the_gradients)
+    train.main(args + ["--out-dir", str(tmp_path / "poisoned")])
+    skipped = [{r["step"] for r in read_metrics(tmp_path / run) if r.get("skipped")} for run in ("clean", "poisoned")]
+    assert 6 not in skipped[0] and skipped[1] == skipped[0] | {6}
+    steps = [r for r in read_metrics(tmp_path / "poisoned") if not r.get("eval")]
+    assert len(steps) == 8 and steps[5]["grad_norm"] is None
+    scales = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["scaler"]["scale"] for run in ("clean", "poisoned")]
+    assert scales[1] == scales[0] / 2
+
+
+def test_under_fp16_a_nan_loss_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    poison_once_at_step_6(monkeypatch, poison_the_nitp_loss)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--nitp", "--dtype", "float16", "--max-iters", "8", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 3 and "step 6: the nitp loss is nan" in capsys.readouterr().err
+
+
+def test_metrics_give_the_same_numbers_for_states_in_any_dtype_on_any_device():
+    """Effective rank and anisotropy compute in fp32 on the CPU, whatever the states' dtype and device."""
+    states = torch.randn(200, 16, generator=torch.Generator().manual_seed(0)) @ torch.randn(16, 16)
+    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        rounded = states.to(dtype)
+        expected = (effective_rank(rounded.float()), anisotropy(rounded.float()))
+        for device in devices:
+            assert (effective_rank(rounded.to(device)), anisotropy(rounded.to(device))) == expected, (dtype, device)
+
+
+def test_a_training_step_waits_for_the_device_only_once(tmp_path, monkeypatch):
+    """On a GPU, reading a tensor's value waits for all queued work. train.py reads one value per step, in
+    sync_step (the NaN/inf guard); the loss terms stay on the device until a log line needs them, and are
+    then read in one go (flush)."""
+    reads = []
+    for method in ("item", "tolist"):
+        def reading(self, *args, real=getattr(torch.Tensor, method)):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename == train.__file__:
+                reads.append(caller.co_name)
+            return real(self, *args)
+        monkeypatch.setattr(torch.Tensor, method, reading)
+    train.main(TINY + ["--nitp", "--max-iters", "12", "--log-interval", "4", "--eval-interval", "6",
+                       "--out-dir", str(tmp_path)])
+    reads = Counter(reads)
+    assert reads.pop("sync_step") == 12
+    assert reads.pop("flush") == 4          # steps 4, 6 (eval), 8, 12
+    assert reads.pop("train") == 1          # the sample, after training
+    assert set(reads) <= {"evaluate"}       # the evaluations (steps 0, 6, 12) read what they print
+    assert [r["step"] for r in read_metrics(tmp_path) if not r.get("eval")] == list(range(1, 13))
+
+
+def test_sampling_never_picks_a_token_outside_the_top_k():
+    """generate samples on the CPU from the masked distribution: with top_k=1 it is greedy decoding."""
+    model = tiny_model()
+    torch.manual_seed(0)
+    sampled = model.generate(tokens(B=2, T=3), max_new_tokens=8, top_k=1)
+    greedy = tokens(B=2, T=3)
+    for _ in range(8):
+        greedy = torch.cat([greedy, model(greedy).logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(sampled, greedy)
 
 
 # ---------------------------------------------------------------------------------------------------- the speed report

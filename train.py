@@ -2,6 +2,7 @@
 
     python train.py            # the NTP baseline
     python train.py --nitp     # the same run with the NITP loss added
+    python train.py --compare  # both, side by side, over three seeds (compare.py)
     torchrun --standalone --nproc_per_node=8 train.py --nitp   # data-parallel (DDP) over 8 GPUs
 
 Every run writes OUT_DIR/metrics.jsonl (one line per step, one per eval) and OUT_DIR/ckpt.pt.
@@ -15,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,19 +30,30 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import probe
 from data import TOKENIZERS, get_batch, labelled_sections, load_dataset
 from model import GPT, GPTConfig
-from compare import compare, compare_schedule
+from compare import compare
 from nitp import HEADS, LOSSES, NITP, NITPConfig, anisotropy, effective_rank, training_loss
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_KEYS = {"step", "model", "nitp", "optimizer", "args", "rng"}  # what --resume reads
-# Flags that may differ when resuming: they change how long or where we train, not what is trained.
-RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "compile", "out_dir", "resume",
-             "probe"}
+# Flags that may differ when resuming: they change how long, where or how fast we train, not what is trained.
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile"}
+# Flags that say what to do now, not how the run was trained: never taken from a checkpoint.
+COMMANDS = {"resume", "probe", "compare", "seeds", "out_dir"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints the whole usage; one line that says what to do is enough
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once, not once per process
+            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        self.exit(2)
+
+
+def finite_float(text: str) -> float:
+    value = float(text)  # a ValueError here becomes argparse's "invalid finite_float value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -48,7 +61,7 @@ def make_parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("NITP")
     g.add_argument("--nitp", action="store_true", help="add the NITP loss (without it: the NTP baseline)")
-    g.add_argument("--nitp-lambda", type=float, default=1.0, help="λ, the weight of the NITP loss")
+    g.add_argument("--nitp-lambda", type=finite_float, default=1.0, help="λ, the weight of the NITP loss")
     g.add_argument("--nitp-layer", type=int, default=None,
                    help="target block k (0 = embeddings); default round(0.2 * n_layer), at least 1")
     g.add_argument("--nitp-shift", type=int, choices=(1, 0), default=1,
@@ -72,62 +85,92 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=1, help="experts each token is routed to")
     g.add_argument("--n-shared", type=int, default=0, help="always-on shared experts per MoE layer")
     g.add_argument("--n-dense-layers", type=int, default=1, help="first blocks that stay dense when --n-expert > 1")
-    g.add_argument("--aux-loss-coef", type=float, default=0.01, help="weight of the load-balancing loss")
-    g.add_argument("--z-loss-coef", type=float, default=0.0, help="weight of the router z-loss (0 = off)")
+    g.add_argument("--aux-loss-coef", type=finite_float, default=0.01, help="weight of the load-balancing loss")
+    g.add_argument("--z-loss-coef", type=finite_float, default=0.0, help="weight of the router z-loss (0 = off)")
     g = p.add_argument_group("training")
     g.add_argument("--max-iters", type=int, default=600, help="optimizer steps in total")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch, per process under torchrun")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate")
-    g.add_argument("--warmup-iters", type=int, default=60, help="steps of linear warm-up before the cosine decay")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--learning-rate", type=finite_float, default=2e-3, help="peak learning rate")
+    g.add_argument("--warmup-iters", type=int, default=None,
+                   help="steps of linear warm-up before the cosine decay (default: a tenth of --max-iters)")
+    g.add_argument("--weight-decay", type=finite_float, default=0.1, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=finite_float, default=1.0, help="clip the gradient norm to this (0 = off)")
     g.add_argument("--seed", type=int, default=1337, help="seed for the weights and the batch order")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-interval", type=int, default=100, help="evaluate and checkpoint every this many steps")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="evaluate and checkpoint every this many steps (default: a tenth of --max-iters)")
     g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     g.add_argument("--log-interval", type=int, default=20, help="print a progress line every this many steps")
     g.add_argument("--out-dir", default="out", help="where metrics.jsonl and ckpt.pt go")
     g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir")
     g = p.add_argument_group("the NTP vs NITP experiment (compare.py)")
     g.add_argument("--compare", action="store_true",
-                   help="train NTP and NITP from the same weights on the same batches, and compare them "
-                        "(unless set: --max-iters 1500, --warmup-iters a tenth and --eval-interval a sixth of it)")
-    g.add_argument("--seeds", type=int, default=1, help="with --compare: repeat for this many seeds, from --seed")
+                   help="train NTP and NITP from the same weights on the same batches, and compare them")
+    g.add_argument("--seeds", type=int, default=3, help="with --compare: this many seeds, from --seed")
     g.add_argument("--probe", action="store_true",
                    help="no training: score the frozen model in --out-dir on the probe.py tasks, with baselines")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device name")
-    g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    g.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="'auto': bfloat16 on CUDA GPUs that have it natively, float16 on older ones, float32 "
+                        "on the CPU and MPS; bfloat16/float16 train under autocast")
+    g.add_argument("--compile", action="store_true", help="compile the model with torch.compile (CUDA, CPU)")
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None, saved: dict | None = None) -> argparse.Namespace:
+    """The command line. With `saved` (a checkpoint's settings), those are the defaults, and a flag given now
+    may change only the RESUMABLE ones."""
     parser = make_parser()
+    if saved is not None:
+        saved = {k: v for k, v in saved.items() if k not in COMMANDS}
+        parser.set_defaults(**saved)
     args = parser.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    given = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
-    args.explicit = sorted(a.dest for a in parser._actions if given & set(a.option_strings))
     if (args.compare or args.probe) and "RANK" in os.environ:
         parser.error("--compare and --probe run in one process: start them with python, not torchrun")
     if args.compare and (args.resume or args.probe):
         parser.error("--compare starts fresh runs (and probes them itself); drop --resume / --probe")
-    if args.compare:
-        compare_schedule(args)
-    args.resume = args.resume or args.probe  # --probe reads the checkpoint in --out-dir
-    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "seeds"):
+    for name in ("max_iters", "batch_size", "grad_accum", "eval_iters", "log_interval", "seeds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.learning_rate <= 0 or args.warmup_iters < 0 or args.weight_decay < 0 or args.grad_clip < 0:
+    if args.eval_interval is not None and args.eval_interval < 1:
+        parser.error("--eval-interval must be at least 1")
+    if args.learning_rate <= 0 or (args.warmup_iters or 0) < 0 or args.weight_decay < 0 or args.grad_clip < 0:
         parser.error("--learning-rate must be > 0; --warmup-iters, --weight-decay and --grad-clip >= 0")
+    if args.warmup_iters is None:
+        args.warmup_iters = args.max_iters // 10
+    if args.eval_interval is None:
+        args.eval_interval = max(1, args.max_iters // 10)
+    for name, value in (saved or {}).items():
+        if name not in RESUMABLE and getattr(args, name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"the checkpoint in {args.out_dir} was trained with {flag} {value}, not "
+                             f"{getattr(args, name)}; drop {flag} to resume, or use a new --out-dir")
     return args
 
 
 def fail(message: str, status: int = 2) -> None:
     """A user error (status 2) or a diverged run (3): one line that says what to do, and a non-zero exit."""
-    print(f"train.py: error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once, not once per process
+        print(f"train.py: error: {message}", file=sys.stderr)
     sys.exit(status)
 
+
+def check_out_dir(out_dir: str) -> None:
+    """Refuse an --out-dir we could not write to, before anything is built or written."""
+    path = Path(out_dir)
+    nearest = next(p for p in (path, *path.parents) if p.exists())  # the folder that mkdir would write into
+    if not nearest.is_dir():
+        raise ValueError(f"--out-dir {out_dir}: {nearest} is a file, not a folder; pick another --out-dir")
+    try:  # the only sure test of "can I write here" (permissions, read-only mounts, /proc): try it, leave nothing
+        tempfile.TemporaryDirectory(dir=nearest).cleanup()
+    except OSError as e:
+        raise ValueError(f"cannot write to --out-dir {out_dir} ({e.strerror}); pick a folder you can write to")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device and precision
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -142,9 +185,51 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on the CPU, where bf16 is slow."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The precision to train in: float32, or autocast to bfloat16 / float16 (with a gradient scaler).
+
+    'auto' picks, like the tools learners know:
+      - CUDA with compute capability 8.0+ (A100, RTX 30xx and newer): bfloat16, native on their tensor cores;
+      - older CUDA GPUs (T4, V100, RTX 20xx): float16. Recent torch says bf16 is "supported" there, but it is
+        emulated, without tensor cores: about ten times slower than fp16 on a T4;
+      - the CPU: float32. Few CPUs have bf16 matrix units, and on ours bf16 autocast is slower (README);
+      - MPS: float32. Autocast on MPS is new (torch 2.5+) and we could not test it, so MPS trains in fp32.
+    An explicit choice that the device cannot run is refused with one line."""
+    if device.type == "cuda":
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        if name == "auto":
+            return torch.bfloat16 if native_bf16 else torch.float16
+        if name == "bfloat16" and not native_bf16:
+            major, minor = torch.cuda.get_device_capability(device)
+            raise ValueError(f"this GPU (compute capability {major}.{minor}) has no native bfloat16; "
+                             f"use --dtype float16 (what auto picks here)")
+    elif device.type == "mps" and name not in ("auto", "float32"):
+        raise ValueError("on MPS this code trains in float32 only (autocast there is new and untested by us); "
+                         "use --dtype float32")
+    return torch.float32 if name == "auto" else DTYPES[name]
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """The autocast context for the forward passes: none in float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def check_compile(device: torch.device) -> None:
+    """--compile where torch.compile can run: refused with one line elsewhere, rather than a long traceback later."""
+    if device.type == "mps":
+        raise ValueError("--compile is not supported on MPS here (prototype in torch, untested by us); "
+                         "drop --compile")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
+        raise ValueError("--compile needs a GPU of compute capability 7.0 or higher (Triton); drop --compile")
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to GPU through pinned memory, without waiting: the copy overlaps the work already queued."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -202,22 +287,20 @@ class TrainingLoss(torch.nn.Module):
         return training_loss(self.model, self.nitp, x, y, step)
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device, world_size: int) -> dict[str, float]:
-    """Each rank's loss terms are for its own slice; their mean is the global batch's, the same on every rank."""
-    if world_size == 1:
-        return values
-    total = torch.tensor(list(values.values()), dtype=torch.float64, device=device)  # (n_terms,)
-    dist.all_reduce(total)  # sum: gloo has no average
-    return dict(zip(values, (total / world_size).tolist()))
-
-
-def any_rank(flag: bool, device: torch.device, world_size: int) -> bool:
-    """True on every rank if it is True on one: all ranks must stop at the same step, or the others hang."""
-    if world_size == 1:
-        return flag
-    flags = torch.tensor([float(flag)], device=device)  # (1,)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return flags.item() > 0
+def sync_step(terms: torch.Tensor, guarded: torch.Tensor, interrupted: bool,
+              world_size: int) -> tuple[torch.Tensor, bool, bool]:
+    """The one host sync of a training step. terms: (n,) this rank's loss terms; guarded: the values that must
+    be finite. Returns the terms averaged over the ranks (the global batch's; still on the device), and, the
+    same on every rank: did a guarded value become NaN or inf on some rank, did some rank get Ctrl-C. All
+    ranks must stop at the same step, or the others hang."""
+    flags = torch.stack([(~torch.isfinite(guarded)).any().float(),      # (2,) on the device: no copy, no wait
+                         torch.full_like(terms[0], float(interrupted))])
+    if world_size > 1:
+        both = torch.cat([terms, flags])
+        dist.all_reduce(both)  # a sum (gloo has no average): > 0 means "on some rank"
+        terms, flags = both[:len(terms)] / world_size, both[len(terms):]
+    bad, interrupted = (flags > 0).tolist()  # the sync
+    return terms, bad, interrupted
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,11 +310,12 @@ class Diverged(Exception):
     """A loss term or the gradient norm is NaN or infinite: no update from here on can be trusted."""
 
 
-def first_non_finite(terms: dict[str, float], grad_norm: float) -> str | None:
+def first_non_finite(values: dict[str, float]) -> str | None:
     """What went bad first, checking the parts of the loss (named as in training_loss) before their total, and
-    the loss before the gradients: "the nitp loss is nan". None if everything is finite."""
-    checks = [(f"the {name} loss", value) for name, value in terms.items() if name != "loss"]
-    checks += [("the total loss", terms["loss"]), ("the gradient norm", grad_norm)]
+    the loss before the gradient norm: "the nitp loss is nan". None if everything is finite."""
+    checks = [(f"the {name} loss", value) for name, value in values.items() if name not in ("loss", "grad_norm")]
+    checks += [("the total loss", values["loss"])]
+    checks += [("the gradient norm", values["grad_norm"])] if "grad_norm" in values else []
     return next((f"{what} is {value}" for what, value in checks if not math.isfinite(value)), None)
 
 
@@ -264,49 +348,38 @@ def load_checkpoint(out_dir: str) -> dict:
     return ckpt
 
 
-def resume_args(args: argparse.Namespace, ckpt: dict) -> argparse.Namespace:
-    """The run's settings come from the checkpoint; flags given now may only change RESUMABLE settings."""
-    saved = ckpt["args"]
-    for name in args.explicit:
-        if name not in RESUMABLE and getattr(args, name) != saved.get(name):
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"the checkpoint in {args.out_dir} was trained with {flag} {saved.get(name)}, not "
-                             f"{getattr(args, name)}; drop {flag} to resume, or use a new --out-dir")
-    merged = dict(saved)
-    merged.update({name: getattr(args, name) for name in args.explicit})
-    merged.update(out_dir=args.out_dir, resume=True, explicit=args.explicit)
-    return argparse.Namespace(**merged)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 
 @torch.no_grad()
 def evaluate(model: GPT, nitp: NITP | None, val_batches, autocast) -> dict:
-    """Pure LM validation loss, NITP loss, and the geometry of the last hidden states.
+    """Pure LM validation loss, NITP loss, and the geometry of the hidden states.
 
-    The metrics use the final hidden states (after ln_f, the LM head's input: the vector NITP trains) of the
-    first, fixed validation batch: B·T states."""
+    The metrics use the states of the first, fixed validation batch (B·T states): `erank` and `anisotropy` the
+    final hidden states (after ln_f, the LM head's input: the vector NITP trains), `erank_by_layer` the output
+    of every block, [0] being the embeddings, to see where in the depth NITP acts."""
     model.eval()
     lm_losses, nitp_losses, expert_shares = [], [], []
     for i, (x, y) in enumerate(val_batches):
         with autocast:
-            out = model(x, y, tap_layer=nitp.layer if nitp else None)
-            lm_losses.append(out.loss.item())
+            out = model(x, y)
+            lm_losses.append(out.loss)
             if nitp is not None:
-                nitp_losses.append(nitp(out.hidden, out.tapped).item())
+                nitp_losses.append(nitp(out.hidden, out.block_outputs[nitp.layer]))
         if out.expert_share is not None:
             expert_shares.append(out.expert_share)  # (n_moe_layers, E)
         if i == 0:
-            states = out.hidden.reshape(-1, out.hidden.size(-1))  # (B*T, d)
-            metrics = {"erank": effective_rank(states), "anisotropy": anisotropy(states)}
+            d = out.hidden.size(-1)
+            metrics = {"erank": effective_rank(out.hidden.reshape(-1, d)),  # (B*T, d) states
+                       "anisotropy": anisotropy(out.hidden.reshape(-1, d)),
+                       "erank_by_layer": [effective_rank(z.reshape(-1, d)) for z in out.block_outputs]}
     model.train()
     if expert_shares:  # each expert's share of the routed slots, per MoE layer; ideal is 1/E each
         share = torch.stack(expert_shares).mean(dim=0)  # (n_moe_layers, E)
         metrics["expert_share"] = share.tolist()
         metrics["max_load"] = (share.max() * share.size(1)).item()  # busiest expert / ideal: 1 = balanced
-    return {"val_lm": float(np.mean(lm_losses)),
-            "val_nitp": float(np.mean(nitp_losses)) if nitp is not None else None, **metrics}
+    return {"val_lm": torch.stack(lm_losses).mean().item(),
+            "val_nitp": torch.stack(nitp_losses).mean().item() if nitp is not None else None, **metrics}
 
 
 def param_name(model: GPT) -> str:
@@ -338,14 +411,19 @@ def format_time(seconds: float) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 
-def setup(args: argparse.Namespace) -> dict:
+def setup(args: argparse.Namespace, ckpt: dict | None = None) -> dict:
     """Everything that can fail on bad user input, before anything is written. Raises ValueError."""
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(args.out_dir)
-        args = resume_args(args, ckpt)
+    check_out_dir(args.out_dir)
     device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if args.compile:
+        check_compile(device)
     rank, world_size = torchrun_rank(device)
+    if ckpt is not None and ckpt.get("world_size", 1) != world_size:
+        n = ckpt.get("world_size", 1)
+        raise ValueError(f"the checkpoint in {args.out_dir} was written by {n} process{'es' * (n > 1)}, this run "
+                         f"has {world_size}; an exact continuation needs the same number: resume with "
+                         + (f"torchrun --nproc_per_node={n}" if n > 1 else "python, not torchrun"))
     dataset = load_dataset(args.data, args.tokenizer, args.block_size)
     torch.manual_seed(args.seed)
     config = GPTConfig(vocab_size=dataset.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
@@ -362,6 +440,9 @@ def setup(args: argparse.Namespace) -> dict:
     if nitp is not None:
         nitp.to(device)
     optimizer = make_optimizer([model] + ([nitp] if nitp else []), args, device)
+    # fp16 gradients can underflow: the scaler multiplies the loss before backward, and skips any step whose
+    # scaled gradients overflowed. With bf16 or fp32 it does nothing.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batch_rng = torch.Generator().manual_seed(args.seed)
     start_step = 0
     if ckpt is not None:
@@ -370,22 +451,24 @@ def setup(args: argparse.Namespace) -> dict:
             if nitp is not None:
                 nitp.load_state_dict(ckpt["nitp"])
             optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
             batch_rng.set_state(ckpt["rng"]["batches"])
             torch.set_rng_state(ckpt["rng"]["torch"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise ValueError(f"the checkpoint in {args.out_dir} does not fit this model "
                              f"({str(e).splitlines()[0][:120]}); start a new run in another --out-dir") from None
         start_step = ckpt["step"]
-    return dict(args=args, device=device, dataset=dataset, config=config, model=model, nitp=nitp,
-                optimizer=optimizer, batch_rng=batch_rng, start_step=start_step,
+    return dict(args=args, device=device, dtype=dtype, dataset=dataset, config=config, model=model, nitp=nitp,
+                optimizer=optimizer, scaler=scaler, batch_rng=batch_rng, start_step=start_step,
                 rank=rank, world_size=world_size)
 
 
-def train(run: dict, on_eval=None) -> list[dict]:
+def train(run: dict, on_eval=None, sample: bool = True) -> list[dict]:
     """Train to args.max_iters; returns the evaluation records. on_eval(record) is called after each one."""
     args, device, dataset = run["args"], run["device"], run["dataset"]
-    model, nitp, optimizer, batch_rng = run["model"], run["nitp"], run["optimizer"], run["batch_rng"]
-    rank, world_size = run["rank"], run["world_size"]
+    model, nitp, optimizer, scaler = run["model"], run["nitp"], run["optimizer"], run["scaler"]
+    batch_rng, rank, world_size = run["batch_rng"], run["rank"], run["world_size"]
     master = rank == 0  # under DDP only rank 0 prints, evaluates, samples and writes files
     out_dir = Path(args.out_dir)
     metrics_path, ckpt_path = out_dir / "metrics.jsonl", out_dir / "ckpt.pt"
@@ -397,7 +480,7 @@ def train(run: dict, on_eval=None) -> list[dict]:
         else:  # forget what was logged after the checkpoint: those steps are about to be redone
             lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
             metrics_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= step))
-    autocast = autocast_for(device)
+    autocast = autocast_for(device, run["dtype"])
     compiled = torch.compile(model) if args.compile else model
     loss_fn = TrainingLoss(compiled, nitp)
     if world_size > 1:
@@ -408,7 +491,7 @@ def train(run: dict, on_eval=None) -> list[dict]:
                       find_unused_parameters=unused)
 
     val_rng = torch.Generator().manual_seed(0)  # the same validation batches at every eval and in every run
-    val_batches = [tuple(t.to(device) for t in get_batch(dataset.val, args.batch_size, args.block_size, val_rng))
+    val_batches = [tuple(to_device(t, device) for t in get_batch(dataset.val, args.batch_size, args.block_size, val_rng))
                    for _ in range(args.eval_iters)]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     tokens_per_step = args.batch_size * args.grad_accum * args.block_size * world_size
@@ -416,7 +499,8 @@ def train(run: dict, on_eval=None) -> list[dict]:
     if master:
         print(f"model: {param_name(model)} parameters"
               + (f" + NITP head {n_head / 1e6:.2f}M (training only), target block {nitp.layer}" if nitp else "")
-              + f" | {len(dataset.train):,} train / {len(dataset.val):,} val tokens | device {device}"
+              + f" | {len(dataset.train):,} train / {len(dataset.val):,} val tokens | {device}, "
+              + str(run["dtype"]).removeprefix("torch.")
               + (f" x {world_size} processes" if world_size > 1 else ""))
 
     def log(record: dict) -> None:
@@ -424,12 +508,29 @@ def train(run: dict, on_eval=None) -> list[dict]:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    # Each step's loss terms stay on the device until a log line or the metrics file needs them: then the
+    # steps logged since are fetched in one transfer, not one wait for the GPU per number.
+    pending = []  # (record, names, values on the device) of the steps not yet written
+
+    def flush() -> dict | None:
+        """Write the pending steps to metrics.jsonl; returns the last one."""
+        flat = torch.cat([values for _, _, values in pending]).tolist() if pending else []
+        record = None
+        for record, names, values in pending:
+            record.update(zip(names, flat[:len(names)]))
+            del flat[:len(names)]
+            if not math.isfinite(record["grad_norm"]):  # only with fp16: the scaler skipped this step
+                record.update(grad_norm=None, skipped=True)
+            log(record)
+        pending.clear()
+        return record
+
     def checkpoint(step: int) -> None:
         save_checkpoint(ckpt_path, {
             "format_version": CHECKPOINT_VERSION, "step": step,
             "model": model.state_dict(), "nitp": nitp.state_dict() if nitp else None,
-            "optimizer": optimizer.state_dict(),
-            "model_config": asdict(run["config"]), "args": {k: v for k, v in vars(args).items() if k != "explicit"},
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "world_size": world_size,
+            "model_config": asdict(run["config"]), "args": vars(args),
             "rng": {"batches": batch_rng.get_state(), "torch": torch.get_rng_state()},
             "command": sys.argv, "versions": {"torch": str(torch.__version__), "numpy": np.__version__,
                                               "tiktoken": tiktoken.__version__, "python": sys.version.split()[0]}})
@@ -464,38 +565,52 @@ def train(run: dict, on_eval=None) -> list[dict]:
                 group["lr"] = lr
             parts_sum = {}
             for micro in range(args.grad_accum):
-                x, y = (t.to(device) for t in get_shard(dataset.train, args.batch_size, args.block_size, batch_rng,
-                                                        rank, world_size))
+                x, y = (to_device(t, device) for t in get_shard(dataset.train, args.batch_size, args.block_size,
+                                                                batch_rng, rank, world_size))
                 # DDP averages the gradients across ranks once per step, in the last micro-batch's backward
                 no_sync = loss_fn.no_sync if world_size > 1 and micro < args.grad_accum - 1 else contextlib.nullcontext
                 with no_sync():
                     with autocast:
                         loss, parts = loss_fn(x, y, step)
-                    (loss / args.grad_accum).backward()
+                    scaler.scale(loss / args.grad_accum).backward()
                 for name, value in [("loss", loss), *parts.items()]:
-                    parts_sum[name] = parts_sum.get(name, 0.0) + value.item() / args.grad_accum
-            parts_sum = mean_over_ranks(parts_sum, device, world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf).item()  # inf: measure only
-            bad = first_non_finite(parts_sum, grad_norm)
-            if bad is not None:  # stop before the update: the weights and the last checkpoint stay good
-                raise Diverged(f"step {step + 1}: {bad}; stopped before the update, {ckpt_path} is untouched "
-                               f"(a new run with a lower --learning-rate usually avoids this)")
-            optimizer.step()
+                    parts_sum[name] = parts_sum.get(name, 0.0) + value.detach().float() / args.grad_accum
+            scaler.unscale_(optimizer)  # the true gradients, to clip and to guard (nothing to undo unless fp16)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or math.inf)  # inf: measure only
+            names, terms = list(parts_sum), torch.stack(list(parts_sum.values()))  # (n_terms,) on the device
+            # Under fp16, inf gradients are the scaler's to handle (it skips the step and lowers the scale);
+            # in bf16 and fp32 they are a divergence, like a non-finite loss.
+            guarded = terms if scaler.is_enabled() else torch.cat([terms, grad_norm.reshape(1)])
+            terms, bad, interrupted = sync_step(terms, guarded, sigint.requested, world_size)
+            values = torch.cat([terms, grad_norm.reshape(1).float()])  # (n_terms + 1,)
+            if bad:  # stop before the update: the weights and the last checkpoint stay good
+                flush()
+                found = dict(zip(names + ["grad_norm"], values.tolist()))
+                if scaler.is_enabled():
+                    del found["grad_norm"]
+                raise Diverged(f"step {step + 1}: {first_non_finite(found)}; stopped before the update, "
+                               f"{ckpt_path} is untouched (a new run with a lower --learning-rate usually avoids this)")
+            scaler.step(optimizer)  # = optimizer.step(), except under fp16 (where the scaler reads its inf flag)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_ms.append(1000 * (time.perf_counter() - t_step))  # .item() above waited for the device
-            log({"step": step, "lr": lr, **parts_sum, "grad_norm": grad_norm, "ms": step_ms[-1]})
+            step_ms.append(1000 * (time.perf_counter() - t_step))  # sync_step waited for the device
+            pending.append(({"step": step, "lr": lr, "ms": step_ms[-1]}, names + ["grad_norm"], values))
 
-            if master and (step % args.log_interval == 0 or step == args.max_iters):
-                ms = float(np.mean(step_ms[-args.log_interval:]))
-                terms = " | ".join(f"{k} {v:.4f}" for k, v in parts_sum.items())
-                print(f"step {step:5d}/{args.max_iters} | {terms} | lr {lr:.2e} | {ms:.0f} ms/iter | "
-                      f"{tokens_per_step / ms:.1f}k tok/s | left {format_time(ms / 1000 * (args.max_iters - step))}")
+            if step % args.log_interval == 0 or step == args.max_iters:
+                last = flush()
+                if master:
+                    ms = float(np.mean(step_ms[-args.log_interval:]))
+                    terms = " | ".join(f"{k} {last[k]:.4f}" for k in names)
+                    print(f"step {step:5d}/{args.max_iters} | {terms} | lr {lr:.2e} | {ms:.0f} ms/iter | "
+                          f"{tokens_per_step / ms:.1f}k tok/s | left {format_time(ms / 1000 * (args.max_iters - step))}")
             if step % args.eval_interval == 0 or step == args.max_iters:
+                flush()
                 if master:
                     run_eval(step)
                     checkpoint(step)
-            if any_rank(sigint.requested, device, world_size):
+            if interrupted:
+                flush()
                 if master:
                     checkpoint(step)
                     launcher = f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
@@ -503,24 +618,27 @@ def train(run: dict, on_eval=None) -> list[dict]:
                           f"{launcher} train.py --resume --out-dir {args.out_dir}")
                 sys.exit(130)  # the shell's code for Ctrl-C, on every rank: a caller (--compare, a script) must not go on
 
-    if not master:
-        return
-    prompt = torch.tensor([dataset.tokenizer.encode_ordinary("\n")], device=device)
-    sample = model.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=50)[0].tolist()
-    print("sample:\n" + dataset.tokenizer.decode(sample, errors="replace"))
+    if master and sample:
+        prompt = torch.tensor([dataset.tokenizer.encode_ordinary("\n")], device=device)
+        text = model.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=50)[0].tolist()
+        print("sample:\n" + dataset.tokenizer.decode(text, errors="replace"))
     return evals
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        run = setup(argparse.Namespace(**{**vars(args), "nitp": args.nitp or args.compare}))
-    except ValueError as e:  # config, data, device and checkpoint problems: the user's to fix
+        ckpt = None
+        if args.resume or args.probe:  # the run's settings come from its checkpoint, except what flags may change
+            ckpt = load_checkpoint(args.out_dir)
+            args = parse_args(argv, saved=ckpt["args"])
+        # Everything is checked before anything runs: with --compare, the NITP settings too, before NTP trains.
+        run = setup(argparse.Namespace(**{**vars(args), "nitp": args.nitp or args.compare}), ckpt)
+    except ValueError as e:  # config, data, device, output folder and checkpoint problems: the user's to fix
         fail(str(e))
     if args.probe:
-        dataset = run["dataset"]
-        sections = labelled_sections(run["args"].data, dataset.tokenizer)
-        rows = probe.report({"this model": run["model"]}, sections, run["args"].block_size, run["args"].seed)
+        sections = labelled_sections(args.data, run["dataset"].tokenizer)
+        rows = probe.report({"this model": run["model"]}, sections, args.block_size, args.seed)
         (Path(args.out_dir) / "probe.json").write_text(json.dumps(rows, indent=1))
         return
     if run["world_size"] > 1:
