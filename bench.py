@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 
 import train
+from devices import autocast_for, grad_scaler, pick_device, pick_dtype
 from data import get_batch, load_dataset
 from model import GPT, GPTConfig
 from nitp import NITP, NITPConfig, training_loss
@@ -68,6 +69,7 @@ def main() -> None:
     parser.description = __doc__.splitlines()[0]
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps-per-round", type=int, default=5, help="training steps per variant per round")
+    parser.add_argument("--profile", action="store_true", help="also: where dense NTP's step time goes, by op")
     args = parser.parse_args()
     own = [flag for flag, default in (("n_expert", 1), ("top_k", 1), ("compile", False), ("grad_accum", 1))
            if getattr(args, flag) != default]
@@ -75,15 +77,15 @@ def main() -> None:
         parser.error(f"bench.py times its own MoE variants, eager, one micro-batch per step: drop "
                      + ", ".join("--" + flag.replace("_", "-") for flag in own))
     try:
-        device = train.pick_device(args.device)
-        dtype = train.pick_dtype(args.dtype, device)
+        device = pick_device(args.device)
+        dtype = pick_dtype(args.dtype, device)
         dataset = load_dataset(args.data, args.tokenizer, args.block_size)
         dense = GPTConfig(vocab_size=dataset.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
                           n_head=args.n_head, n_embd=args.n_embd)
     except ValueError as e:
         train.fail(str(e))
-    autocast = train.autocast_for(device, dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # as train.py: fp16 needs it
+    autocast = autocast_for(device, dtype)
+    scaler = grad_scaler(device, dtype)
     moe = dict(n_dense_layers=args.n_dense_layers, n_shared=args.n_shared)
     variants = {
         "NTP (dense)": (dense, False),
@@ -140,6 +142,25 @@ def main() -> None:
     nitp_flops = flops_per_token(*built["NITP (dense)"][:2])
     print(f"NITP overhead: analytic {nitp_flops / base_flops - 1:+.1%} FLOPs (6·12d² per token), "
           f"measured {nitp_ms / base_ms - 1:+.1%} wall-clock; at inference the head is dropped: +0%")
+    if args.profile:
+        profile(lambda: run_steps(*built["NTP (dense)"]), device)
+
+
+def profile(run_steps, device: torch.device, top: int = 10) -> None:
+    """The ops that take the most of a dense NTP step's time (torch.profiler, self time, forward and backward)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run_steps()
+    events = prof.key_averages()
+    # GPU time where there is a GPU (the attribute's name changed in torch 2.4), else CPU time
+    attr = next((a for a in ("self_device_time_total", "self_cuda_time_total") if device.type == "cuda"
+                 and hasattr(events[0], a)), "self_cpu_time_total")
+    total = sum(getattr(e, attr) for e in events)
+    print(f"where dense NTP's step time goes ({attr}, all ops = 100%):")
+    for e in sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]:
+        print(f"  {getattr(e, attr) / total:6.1%}  {e.key}")
 
 
 if __name__ == "__main__":

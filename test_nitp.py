@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import bench
 import data
+import devices
 import probe
 import train
 from model import GPT, MLP, GPTConfig, MoE
@@ -981,29 +982,29 @@ def gpu_of_capability(monkeypatch, capability: tuple[int, int]) -> None:
     (CPU, None, torch.float32), (MPS, None, torch.float32)])
 def test_auto_precision_follows_the_device(device, capability, expected, monkeypatch):
     gpu_of_capability(monkeypatch, capability)
-    assert train.pick_dtype("auto", device) == expected
+    assert devices.pick_dtype("auto", device) == expected
 
 
 def test_a_precision_the_device_cannot_run_is_refused(monkeypatch):
     gpu_of_capability(monkeypatch, (7, 5))
     with pytest.raises(ValueError, match="compute capability 7.5.*float16"):
-        train.pick_dtype("bfloat16", CUDA)
-    assert train.pick_dtype("float16", CUDA) == torch.float16 and train.pick_dtype("float32", CUDA) == torch.float32
+        devices.pick_dtype("bfloat16", CUDA)
+    assert devices.pick_dtype("float16", CUDA) == torch.float16 and devices.pick_dtype("float32", CUDA) == torch.float32
     for dtype in ("bfloat16", "float16"):
         with pytest.raises(ValueError, match="MPS.*float32"):
-            train.pick_dtype(dtype, MPS)
-    assert [train.pick_dtype(d, CPU) for d in ("bfloat16", "float16")] == [torch.bfloat16, torch.float16]
+            devices.pick_dtype(dtype, MPS)
+    assert [devices.pick_dtype(d, CPU) for d in ("bfloat16", "float16")] == [torch.bfloat16, torch.float16]
 
 
 def test_compile_is_refused_where_it_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="MPS"):
-        train.check_compile(MPS)
+        devices.check_compile(MPS)
     gpu_of_capability(monkeypatch, (6, 1))  # a GTX 10xx: below Triton's minimum
     with pytest.raises(ValueError, match="7.0"):
-        train.check_compile(CUDA)
+        devices.check_compile(CUDA)
     gpu_of_capability(monkeypatch, (7, 5))
-    train.check_compile(CUDA)
-    train.check_compile(CPU)
+    devices.check_compile(CUDA)
+    devices.check_compile(CPU)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -1013,7 +1014,7 @@ def test_nitp_with_moe_trains_under_autocast_with_the_router_in_fp32(dtype, tmp_
     model = tiny_model(n_expert=4, top_k=2)
     router_logits = []
     model.blocks[1].mlp.register_forward_hook(lambda m, i, o: router_logits.append(m.route(i[0].flatten(0, 1))[0]))
-    with train.autocast_for(CPU, dtype):
+    with devices.autocast_for(CPU, dtype):
         out = model(tokens(), tokens(seed=1))
     assert out.logits.dtype == dtype and router_logits[0].dtype == torch.float32
     name = str(dtype).removeprefix("torch.")
@@ -1106,6 +1107,14 @@ def test_sampling_never_picks_a_token_outside_the_top_k():
 
 # ---------------------------------------------------------------------------------------------------- the speed report
 
+def test_the_speed_report_refuses_flags_it_would_ignore(monkeypatch, capsys):
+    for flag in (["--compile"], ["--grad-accum", "2"], ["--n-expert", "4"]):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *TINY, *flag])
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main()
+        assert exit_info.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
 def test_flops_per_token_add_the_head_and_count_only_the_k_experts_a_token_uses():
     """bench.py: the NITP head adds 6 · 12d² per token; top-2 of 8 experts costs one more expert per MoE layer
     (4 layers, the first dense: 3 MoE layers) than top-1, whatever E is."""
@@ -1117,9 +1126,17 @@ def test_flops_per_token_add_the_head_and_count_only_the_k_experts_a_token_uses(
     assert bench.flops_per_token(dense, None) == 6 * (dense.num_params() - 16 * 16) + 12 * 4 * 16 * 16
 
 
-def test_the_speed_report_prints_one_table_with_the_nitp_overhead(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench.py", *TINY, "--rounds", "2", "--steps-per-round", "1"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_speed_report_prints_one_table_with_the_nitp_overhead(dtype, monkeypatch, capsys):
+    """bench.py on the CPU, in fp32 and (as a stand-in for a GPU's autocast) bf16, with the op profile."""
+    peaks = []
+    real_peak = bench.matmul_peak
+    monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: peaks.append(dtype) or real_peak(device, dtype, n=64))
+    monkeypatch.setattr(sys, "argv", ["bench.py", *TINY, "--rounds", "2", "--steps-per-round", "1", "--dtype", dtype,
+                                      "--profile"])
     bench.main()
     printed = capsys.readouterr().out
-    assert "matmul peak" in printed and "NITP overhead: analytic" in printed
+    assert peaks == [getattr(torch, dtype)] * 2  # the peak GEMM runs in the training dtype, every round
+    assert "matmul peak" in printed and "NITP overhead: analytic" in printed and dtype in printed
+    assert "where dense NTP's step time goes" in printed
     assert all(name in printed for name in ("NTP (dense)", "NITP (dense)", "NTP, MoE E=8 k=2", "NITP, MoE E=8 k=2"))

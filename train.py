@@ -29,8 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import probe
 from data import TOKENIZERS, get_batch, labelled_sections, load_dataset
-from model import GPT, GPTConfig
 from compare import compare
+from devices import DTYPES, autocast_for, check_compile, grad_scaler, pick_device, pick_dtype, to_device, torchrun_rank
+from model import GPT, GPTConfig
 from nitp import HEADS, LOSSES, NITP, NITPConfig, anisotropy, effective_rank, training_loss
 
 CHECKPOINT_VERSION = 1
@@ -39,7 +40,6 @@ CHECKPOINT_KEYS = {"step", "model", "nitp", "optimizer", "args", "rng"}  # what 
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile"}
 # Flags that say what to do now, not how the run was trained: never taken from a checkpoint.
 COMMANDS = {"resume", "probe", "compare", "seeds", "out_dir"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -169,69 +169,6 @@ def check_out_dir(out_dir: str) -> None:
         raise ValueError(f"cannot write to --out-dir {out_dir} ({e.strerror}); pick a folder you can write to")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Device and precision
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per process on this machine
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    try:
-        device = torch.device(name)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The precision to train in: float32, or autocast to bfloat16 / float16 (with a gradient scaler).
-
-    'auto' picks, like the tools learners know:
-      - CUDA with compute capability 8.0+ (A100, RTX 30xx and newer): bfloat16, native on their tensor cores;
-      - older CUDA GPUs (T4, V100, RTX 20xx): float16. Recent torch says bf16 is "supported" there, but it is
-        emulated, without tensor cores: about ten times slower than fp16 on a T4;
-      - the CPU: float32. Few CPUs have bf16 matrix units, and on ours bf16 autocast is slower (README);
-      - MPS: float32. Autocast on MPS is new (torch 2.5+) and we could not test it, so MPS trains in fp32.
-    An explicit choice that the device cannot run is refused with one line."""
-    if device.type == "cuda":
-        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
-        if name == "auto":
-            return torch.bfloat16 if native_bf16 else torch.float16
-        if name == "bfloat16" and not native_bf16:
-            major, minor = torch.cuda.get_device_capability(device)
-            raise ValueError(f"this GPU (compute capability {major}.{minor}) has no native bfloat16; "
-                             f"use --dtype float16 (what auto picks here)")
-    elif device.type == "mps" and name not in ("auto", "float32"):
-        raise ValueError("on MPS this code trains in float32 only (autocast there is new and untested by us); "
-                         "use --dtype float32")
-    return torch.float32 if name == "auto" else DTYPES[name]
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype):
-    """The autocast context for the forward passes: none in float32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def check_compile(device: torch.device) -> None:
-    """--compile where torch.compile can run: refused with one line elsewhere, rather than a long traceback later."""
-    if device.type == "mps":
-        raise ValueError("--compile is not supported on MPS here (prototype in torch, untested by us); "
-                         "drop --compile")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
-        raise ValueError("--compile needs a GPU of compute capability 7.0 or higher (Triton); drop --compile")
-
-
-def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host to GPU through pinned memory, without waiting: the copy overlaps the work already queued."""
-    if device.type == "cuda":
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch.to(device)
-
-
 def lr_at(step: int, args: argparse.Namespace) -> float:
     """Linear warm-up to the peak, then cosine decay to a tenth of it at max_iters."""
     if step < args.warmup_iters:
@@ -251,18 +188,6 @@ def make_optimizer(modules: list[torch.nn.Module], args, device) -> torch.optim.
 
 # ----------------------------------------------------------------------------------------------------
 # Data parallel (DDP) under torchrun: every rank trains on its own slice of each batch; DDP averages gradients
-
-def torchrun_rank(device: torch.device) -> tuple[int, int]:
-    """(rank, world size) from the variables torchrun sets; (0, 1) without torchrun."""
-    if "RANK" not in os.environ:
-        return 0, 1
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"torchrun runs on CUDA GPUs (nccl) or the CPU (gloo), not on {device.type}; "
-                         f"add --device cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-
 
 def get_shard(tokens: np.ndarray, batch_size: int, block_size: int, generator: torch.Generator,
               rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,9 +365,7 @@ def setup(args: argparse.Namespace, ckpt: dict | None = None) -> dict:
     if nitp is not None:
         nitp.to(device)
     optimizer = make_optimizer([model] + ([nitp] if nitp else []), args, device)
-    # fp16 gradients can underflow: the scaler multiplies the loss before backward, and skips any step whose
-    # scaled gradients overflowed. With bf16 or fp32 it does nothing.
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = grad_scaler(device, dtype)
     batch_rng = torch.Generator().manual_seed(args.seed)
     start_step = 0
     if ckpt is not None:

@@ -1,0 +1,90 @@
+"""Where training runs: the device, the precision, and the processes under torchrun.
+
+Learners train on a laptop CPU, a MacBook (MPS), a free Colab T4 or an older lab GPU, with whatever torch they
+have. What each can run differs, and this file holds those differences, so that train.py and bench.py only
+ask: which device, which precision, how do batches get there.
+"""
+import contextlib
+import os
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per process on this machine
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The precision to train in: float32, or autocast to bfloat16 / float16 (with a gradient scaler).
+
+    'auto' picks, like the tools learners know:
+      - CUDA with compute capability 8.0+ (A100, RTX 30xx and newer): bfloat16, native on their tensor cores;
+      - older CUDA GPUs (T4, V100, RTX 20xx): float16. Recent torch says bf16 is "supported" there, but it is
+        emulated, without tensor cores: about ten times slower than fp16 on a T4;
+      - the CPU: float32. Few CPUs have bf16 matrix units, and on ours bf16 autocast is slower (README);
+      - MPS: float32. Autocast on MPS is new (torch 2.5+) and we could not test it, so MPS trains in fp32.
+    An explicit choice that the device cannot run is refused with one line."""
+    if device.type == "cuda":
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)
+        if name == "auto":
+            return torch.bfloat16 if native_bf16 else torch.float16
+        if name == "bfloat16" and not native_bf16:
+            major, minor = torch.cuda.get_device_capability(device)
+            raise ValueError(f"this GPU (compute capability {major}.{minor}) has no native bfloat16; "
+                             f"use --dtype float16 (what auto picks here)")
+    elif device.type == "mps" and name not in ("auto", "float32"):
+        raise ValueError("on MPS this code trains in float32 only (autocast there is new and untested by us); "
+                         "use --dtype float32")
+    return torch.float32 if name == "auto" else DTYPES[name]
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """The autocast context for the forward passes: none in float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """fp16 gradients can underflow: the scaler multiplies the loss before backward, and skips any step whose
+    scaled gradients overflowed. With bf16 or fp32 it is switched off and passes everything through."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def check_compile(device: torch.device) -> None:
+    """--compile where torch.compile can run: refused with one line elsewhere, rather than a long traceback later."""
+    if device.type == "mps":
+        raise ValueError("--compile is not supported on MPS here (prototype in torch, untested by us); "
+                         "drop --compile")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
+        raise ValueError("--compile needs a GPU of compute capability 7.0 or higher (Triton); drop --compile")
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to GPU through pinned memory, without waiting: the copy overlaps the work already queued."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+def torchrun_rank(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) from the variables torchrun sets; (0, 1) without torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"torchrun runs on CUDA GPUs (nccl) or the CPU (gloo), not on {device.type}; "
+                         f"add --device cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
