@@ -14,6 +14,7 @@ and compare.png when matplotlib is installed.
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import probe
@@ -107,10 +108,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
 
 
-def plot(out_dir: Path, seeds: list[int], nitp_layer: int) -> None:
+def plot(out_dir: Path, seeds: list[int], nitp_layer: int, summary: dict) -> None:
     """One PNG with every seed, like the paper's Figures 1 and 5 plus one panel of our own: effective rank,
     anisotropy, NITP loss and validation loss over the steps, and effective rank by layer at the end. Thin
-    lines are seeds, bold lines their mean."""
+    lines are seeds, bold lines their mean; the title gives the final deltas."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -119,14 +120,15 @@ def plot(out_dir: Path, seeds: list[int], nitp_layer: int) -> None:
         print("no plot: `pip install matplotlib` to get compare.png (everything else is in compare.json)")
         return
     runs = {name: [read_metrics(out_dir / f"seed{seed}-{name.lower()}") for seed in seeds] for name in ("NTP", "NITP")}
-    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
+    last_step = max(r["step"] for r in runs["NTP"][0])
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.9))
     panels = [("erank", "effective rank (last layer)", True), ("anisotropy", "anisotropy (last layer)", True),
               ("nitp", "NITP training loss", False), ("val_lm", "validation LM loss", True)]
     for ax, (key, title, at_evals) in zip(axes, panels):
         for name, color in (("NTP", "C0"), ("NITP", "C1")):
             curves = [[(r["step"], r[key]) for r in records if bool(r.get("eval")) == at_evals
-                       and r.get(key) is not None and (key != "val_lm" or r["step"] > 0)]  # step 0: 5.5, off scale
-                      for records in runs[name]]
+                       and r.get(key) is not None and (key != "val_lm" or r["step"] >= last_step * 0.3)]
+                      for records in runs[name]]  # the loss from 30% on: earlier values would hide the gap
             if not curves[0]:
                 continue
             for curve in curves:
@@ -150,7 +152,12 @@ def plot(out_dir: Path, seeds: list[int], nitp_layer: int) -> None:
     ax.set_xticks(range(n_layer + 2), ["emb"] + [str(i) for i in range(1, n_layer + 1)] + ["ln_f"])
     ax.set_title("effective rank by layer (final step)", fontsize=10)
     ax.set_xlabel("block output")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
+    deltas = [f"{label} {plus_minus(summary[key]['delta_mean'], summary[key]['delta_std'], pattern, signed(pattern))}"
+              + ("" if not summary[key]["spread"] else f" ({abs(summary[key]['delta_mean']) / summary[key]['spread']:.1f}× the seed spread)")
+              for key in ("erank", "anisotropy", "val_lm") for k, label, pattern, _ in METRICS if k == key]
+    fig.suptitle(f"NITP − NTP at the last step, {len(seeds)} seed{'s' * (len(seeds) > 1)}: " + "; ".join(deltas),
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(out_dir / "compare.png", dpi=80)
     print(f"plot: {out_dir / 'compare.png'}")
@@ -158,9 +165,10 @@ def plot(out_dir: Path, seeds: list[int], nitp_layer: int) -> None:
 
 def compare(args: argparse.Namespace, setup, train) -> None:
     """Run NTP and NITP for args.seeds seeds starting at args.seed; setup/train are train.py's."""
+    started = time.perf_counter()
     out_dir = Path(args.out_dir)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    finals, baselines = [], []
+    finals, baselines, probe_s = [], [], 0.0
     for seed in seeds:
         results, models = {}, {}
         for name, use_nitp in (("NTP", False), ("NITP", True)):
@@ -174,16 +182,28 @@ def compare(args: argparse.Namespace, setup, train) -> None:
             nitp_layer = run["nitp"].layer if use_nitp else None
         # The frozen-representation tasks (probe.py), on each final model, beside the sanity baselines.
         print(f"\n=== seed {seed}: frozen representations ===")
+        t0 = time.perf_counter()
         sections = labelled_sections(args.data, run["dataset"].tokenizer)
-        rows = probe.report(models, sections, args.block_size, seed)
+        # the baselines (a random network, a bag of tokens) tell the same story for every seed: once is enough
+        rows = probe.report(models, sections, args.block_size, seed, baselines=seed == seeds[0])
+        probe_s += time.perf_counter() - t0
         baselines.append({k: v for k, v in rows.items() if k not in models})
         # ms/iter over the whole run (an eval record holds only the steps since the evaluation before it)
         finals.append({name: {**results[name][-1], **rows[name], "ms_per_iter": statistics.mean(
             r["ms"] for r in read_metrics(out_dir / f"seed{seed}-{name.lower()}") if not r.get("eval"))}
             for name in models})
     summary = summarize(finals)
+    t0 = time.perf_counter()
+    plot(out_dir, seeds, nitp_layer, summary)
+    # Where the time went: training steps and evaluations from the runs' own logs, the rest measured here
+    records = [r for seed in seeds for name in ("ntp", "nitp") for r in read_metrics(out_dir / f"seed{seed}-{name}")]
+    seconds = {"training steps": sum(r["ms"] for r in records if not r.get("eval")) / 1000,
+               "evaluations": sum(r["eval_s"] for r in records if r.get("eval")), "probes": probe_s,
+               "plot": time.perf_counter() - t0}
+    seconds["other (set-up, checkpoints, summary)"] = time.perf_counter() - started - sum(seconds.values())
+    total = sum(seconds.values())
+    print(f"time: {total:.0f} s = " + ", ".join(f"{k} {v:.1f} s ({v / total:.0%})" for k, v in seconds.items()))
     (out_dir / "compare.json").write_text(json.dumps(
         {"seeds": seeds, "summary": summary, "finals": finals, "probe_baselines": baselines,
-         "args": vars(args)}, indent=1))
+         "seconds": seconds, "args": vars(args)}, indent=1))
     print(f"summary: {out_dir / 'compare.json'}")
-    plot(out_dir, seeds, nitp_layer)

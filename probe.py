@@ -129,16 +129,18 @@ def chance_levels(passages: tuple) -> dict[str, float]:
             "retrieval_recall@1": 1 / n, "retrieval_mrr": sum(1 / r for r in range(1, n + 1)) / n}
 
 
-def report(models: dict[str, GPT], sections: list[tuple[str, list[int]]], length: int, seed: int) -> dict[str, dict]:
-    """Scores of each named model, of two sanity baselines built from the first one, and of chance,
-    printed as one table."""
+def report(models: dict[str, GPT], sections: list[tuple[str, list[int]]], length: int, seed: int,
+           baselines: bool = True) -> dict[str, dict]:
+    """Scores of each named model, of two sanity baselines built from the first one (unless baselines=False),
+    and of chance, printed as one table."""
     passages = make_passages(sections, length)
-    first = next(iter(models.values()))
-    torch.manual_seed(seed)
-    untrained = GPT(first.config).to(next(first.parameters()).device)
     rows = {name: evaluate_representations(model, passages) for name, model in models.items()}
-    rows["random init, same shape"] = evaluate_representations(untrained, passages)
-    rows["bag of tokens (its embeddings)"] = evaluate_representations(first, passages, bag_of_tokens=True)
+    if baselines:
+        first = next(iter(models.values()))
+        torch.manual_seed(seed)
+        untrained = GPT(first.config).to(next(first.parameters()).device)
+        rows["random init, same shape"] = evaluate_representations(untrained, passages)
+        rows["bag of tokens (its embeddings)"] = evaluate_representations(first, passages, bag_of_tokens=True)
     rows["chance"] = chance_levels(passages)
     ids, _, labels = passages
     print(f"frozen-representation tasks: {len(ids)} passages of {length} tokens, {int(labels.max()) + 1} sections")
