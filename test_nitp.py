@@ -735,6 +735,11 @@ def test_compare_runs_three_seeds_of_train_pys_own_defaults():
     and evaluation follow --max-iters (a tenth each) unless given."""
     plain, compared = train.parse_args([]), train.parse_args(["--compare"])
     assert compared.seeds == 3
+    # the pre-registered classroom setting (RESULTS.md, section 1)
+    setting = {k: getattr(compared, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
+                                                  "max_iters", "learning_rate", "warmup_iters", "data", "nitp_lambda")}
+    assert setting == dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_iters=1000,
+                           learning_rate=2e-3, warmup_iters=100, data="python-docs", nitp_lambda=1.0)
     assert {k: v for k, v in vars(plain).items() if k != "compare"} == \
         {k: v for k, v in vars(compared).items() if k != "compare"}
     chosen = train.parse_args(["--max-iters=60", "--eval-interval", "7"])

@@ -75,11 +75,13 @@ def make_parser() -> argparse.ArgumentParser:
                    help="'python-docs' (embedded), 'shakespeare' (downloaded once) or a path to a UTF-8 text file")
     g.add_argument("--tokenizer", choices=TOKENIZERS, default="bytes",
                    help="'bytes' (256 tokens, offline) or a standard tiktoken encoding")
+    # The defaults are the classroom setting (RESULTS.md, section 1): chosen on seeds 1-3 as the fastest setting
+    # in which NITP's effect on the geometry exceeds the seed spread, then confirmed on fresh seeds.
     g = p.add_argument_group("model")
     g.add_argument("--n-layer", type=int, default=4, help="number of transformer blocks")
     g.add_argument("--n-head", type=int, default=4, help="attention heads per block")
     g.add_argument("--n-embd", type=int, default=128, help="model width d")
-    g.add_argument("--block-size", type=int, default=128, help="context length in tokens")
+    g.add_argument("--block-size", type=int, default=64, help="context length in tokens")
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--n-expert", type=int, default=1, help="routed experts per MoE layer (1 = dense MLP)")
     g.add_argument("--top-k", type=int, default=1, help="experts each token is routed to")
@@ -88,8 +90,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--aux-loss-coef", type=finite_float, default=0.01, help="weight of the load-balancing loss")
     g.add_argument("--z-loss-coef", type=finite_float, default=0.0, help="weight of the router z-loss (0 = off)")
     g = p.add_argument_group("training")
-    g.add_argument("--max-iters", type=int, default=600, help="optimizer steps in total")
-    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch, per process under torchrun")
+    g.add_argument("--max-iters", type=int, default=1000, help="optimizer steps in total")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, per process under torchrun")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--learning-rate", type=finite_float, default=2e-3, help="peak learning rate")
     g.add_argument("--warmup-iters", type=int, default=None,
