@@ -55,23 +55,19 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def verdict(label: str, claim: str, delta: list[float], d_mean: float, d_std: float | None,
             spread: float | None, pattern: str) -> str:
-    """One line in plain words: "effective rank: NITP higher in 3 of 3 seeds, +4.78 ± 1.59, 3.0× the seed spread"."""
-    n = len(delta)
-    up = sum(d > 0 for d in delta)
-    direction = f"NITP higher in {up} of {n} seeds" if claim != "lower" else f"NITP lower in {n - up} of {n} seeds"
-    if claim == "not worse":  # a loss: "higher" is worse
-        direction = f"NITP lower in {n - up} of {n} seeds"
+    """One line in plain words: "eff. rank: NITP higher in 3 of 3 seeds, +4.78 ± 1.59, 3.0× the seed spread: as
+    the paper says". claim: "higher" or "lower" (the paper's direction), or "not worse" for a loss."""
+    n, higher, lower = len(delta), sum(d > 0 for d in delta), sum(d < 0 for d in delta)
+    counted = f"NITP higher in {higher} of {n} seeds" if claim == "higher" else f"NITP lower in {lower} of {n} seeds"
     size = plus_minus(d_mean, d_std, pattern, signed(pattern))
     if spread is None:
-        return f"{label}: {direction}, {size} (one seed: no spread to compare with)"
+        return f"{label}: {counted}, {size} (one seed: no spread to compare with)"
     ratio = abs(d_mean) / spread if spread > 0 else float("inf")
     against = f"{ratio:.1f}× the seed spread" if ratio >= 1 else f"within the seed spread ({fmt(spread, pattern)})"
     if claim == "not worse":
-        held = d_mean <= 0 or ratio < 1
-        return f"{label}: {direction}, {size}, {against}: NITP {'not worse' if held else 'WORSE'}"
-    moved = d_mean > 0 if claim == "higher" else d_mean < 0
-    held = moved and ratio >= 1
-    return f"{label}: {direction}, {size}, {against}: {'as the paper says' if held else 'not shown here'}"
+        return f"{label}: {counted}, {size}, {against}: NITP {'not worse' if d_mean <= 0 or ratio < 1 else 'WORSE'}"
+    held = (d_mean > 0 if claim == "higher" else d_mean < 0) and ratio >= 1
+    return f"{label}: {counted}, {size}, {against}: {'as the paper says' if held else 'not shown here'}"
 
 
 def summarize(finals: list[dict]) -> dict:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import compare
 import data
 import devices
 import probe
@@ -724,10 +725,24 @@ def test_compare_with_seeds_writes_its_summary(tmp_path, capsys):
     erank = result["summary"]["erank"]
     assert erank["delta_std"] is not None and isinstance(erank["larger_than_spread"], bool)
     assert erank["delta_mean"] == pytest.approx(np.mean(np.array(erank["nitp"]) - np.array(erank["ntp"])))
-    assert "summary" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "summary" in printed and "eff. rank: NITP higher in" in printed and "time:" in printed
+    assert set(result["seconds"]) >= {"training steps", "evaluations", "probes"}
     # Only the comparison's own runs: no third, stray training run in OUT_DIR itself.
     made = {p.name for p in tmp_path.iterdir()}
     assert made - {"compare.png"} == {"seed1337-ntp", "seed1337-nitp", "seed1338-ntp", "seed1338-nitp", "compare.json"}
+
+
+def test_the_summary_says_each_claim_in_plain_words():
+    """A verdict names the direction and how many seeds agree, the size against the seed spread, and whether
+    the paper's claim shows."""
+    assert compare.verdict("eff. rank", "higher", [1.2, 1.3, 1.4], 1.3, 0.1, 0.26, "{:.2f}") == \
+        "eff. rank: NITP higher in 3 of 3 seeds, +1.30 ± 0.10, 5.0× the seed spread: as the paper says"
+    assert compare.verdict("anisotropy", "lower", [0.005, -0.003, -0.01], -0.003, 0.009, 0.009, "{:.4f}").endswith(
+        "NITP lower in 2 of 3 seeds, -0.0030 ± 0.0090, within the seed spread (0.0090): not shown here")
+    assert compare.verdict("val loss", "not worse", [0.01, 0.0, 0.02], 0.01, 0.01, 0.008, "{:.3f}").endswith(
+        "1.2× the seed spread: NITP WORSE")
+    assert compare.verdict("val loss", "not worse", [0.01, -0.02], -0.005, 0.02, 0.001, "{:.3f}").endswith(": NITP not worse")
 
 
 def test_compare_runs_three_seeds_of_train_pys_own_defaults():
