@@ -21,7 +21,8 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"device {name!r} is not usable here ({str(e).splitlines()[0]}); try --device cpu")
+        reason = str(e).splitlines()[0].split(". ")[0][:160]  # torch's first sentence; the rest lists backends
+        raise ValueError(f"device {name!r} is not usable here ({reason}); try --device cpu")
     return device
 
 
