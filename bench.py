@@ -4,8 +4,8 @@
     python bench.py --n-embd 256 --device cuda --dtype float16
 
 Takes train.py's flags for the model's shape, the batch, the corpus, the device and the dtype. Its MoE
-variants are its own (E = 8, 16, 32), and it times eager steps of one micro-batch: train.py's MoE flags,
---compile and --grad-accum are refused. All variants are built in one process and timed in interleaved
+variants are its own (E = 8, 16, 32 with k = 1 or 2; --n-shared and --n-dense-layers apply), and it times
+eager steps of one micro-batch: --n-expert, --top-k, --compile and --grad-accum are refused. All variants are built in one process and timed in interleaved
 rounds, so that a noisy, shared machine slows them alike; the table reports the median round. The matmul
 peak (a square GEMM in the training dtype) is measured in every round too (it moves with the machine's load
 and clock), and the fraction of peak uses its median; the range is printed beside it.

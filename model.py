@@ -204,7 +204,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, d)
-        block_outputs = [x]                # kept alive for the backward pass anyway: listing them costs nothing
+        block_outputs = [x]                # in training autograd keeps these anyway: listing them costs nothing
         router_stats = []
         for block in self.blocks:
             x, stats = block(x)  # (B, T, d)
