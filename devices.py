@@ -32,8 +32,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     'auto' picks, like the tools learners know:
       - CUDA with compute capability 8.0+ (A100, RTX 30xx and newer): bfloat16, native on their tensor cores;
       - older CUDA GPUs (T4, V100, RTX 20xx): float16. Recent torch says bf16 is "supported" there, but it is
-        emulated, without tensor cores: about ten times slower than fp16 on a T4;
-      - the CPU: float32. Few CPUs have bf16 matrix units, and on ours bf16 autocast is slower (README);
+        emulated, without tensor cores (reported at about a tenth of fp16's speed on a T4);
+      - the CPU: float32. Even on ours, whose bf16 GEMM is faster, bf16 autocast made the small model's steps
+        slower (RESULTS.md, 6.1);
       - MPS: float32. Autocast on MPS is new (torch 2.5+) and we could not test it, so MPS trains in fp32.
     An explicit choice that the device cannot run is refused with one line."""
     if device.type == "cuda":
