@@ -42,10 +42,15 @@ RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device
 COMMANDS = {"resume", "probe", "compare", "seeds", "out_dir"}
 
 
+def say_error(message: str) -> None:
+    """One line on stderr; under torchrun, from rank 0 only, not once per process."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints the whole usage; one line that says what to do is enough
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, once, not once per process
-            print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        say_error(f"{self.prog}: error: {message} (see --help)")
         self.exit(2)
 
 
@@ -154,8 +159,7 @@ def parse_args(argv: list[str] | None = None, saved: dict | None = None) -> argp
 
 def fail(message: str, status: int = 2) -> None:
     """A user error (status 2) or a diverged run (3): one line that says what to do, and a non-zero exit."""
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, once, not once per process
-        print(f"train.py: error: {message}", file=sys.stderr)
+    say_error(f"train.py: error: {message}")
     sys.exit(status)
 
 
