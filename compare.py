@@ -175,7 +175,6 @@ def compare(args: argparse.Namespace, setup, train) -> None:
             show = (lambda r: print_side_by_side(ntp_by_step[r["step"]], r)) if use_nitp else None
             run = setup(run_args)
             results[name], models[name] = train(run, on_eval=show, sample=False), run["model"]
-            nitp_layer = run["nitp"].layer if use_nitp else None
         # The frozen-representation tasks (probe.py), on each final model, beside the sanity baselines.
         print(f"\n=== seed {seed}: frozen representations ===")
         t0 = time.perf_counter()
@@ -190,7 +189,7 @@ def compare(args: argparse.Namespace, setup, train) -> None:
             for name in models})
     summary = summarize(finals)
     t0 = time.perf_counter()
-    plot(out_dir, seeds, nitp_layer, summary)
+    plot(out_dir, seeds, run["nitp"].layer, summary)  # run: the last NITP run
     # Where the time went: training steps and evaluations from the runs' own logs, the rest measured here
     records = [r for seed in seeds for name in ("ntp", "nitp") for r in read_metrics(out_dir / f"seed{seed}-{name}")]
     seconds = {"training steps": sum(r["ms"] for r in records if not r.get("eval")) / 1000,

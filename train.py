@@ -138,17 +138,15 @@ def parse_args(argv: list[str] | None = None, saved: dict | None = None) -> argp
         parser.error("--compare and --probe run in one process: start them with python, not torchrun")
     if args.compare and (args.resume or args.probe):
         parser.error("--compare starts fresh runs (and probes them itself); drop --resume / --probe")
-    for name in ("max_iters", "batch_size", "grad_accum", "eval_iters", "log_interval", "seeds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eval_interval is not None and args.eval_interval < 1:
-        parser.error("--eval-interval must be at least 1")
-    if args.learning_rate <= 0 or (args.warmup_iters or 0) < 0 or args.weight_decay < 0 or args.grad_clip < 0:
-        parser.error("--learning-rate must be > 0; --warmup-iters, --weight-decay and --grad-clip >= 0")
     if args.warmup_iters is None:
         args.warmup_iters = args.max_iters // 10
     if args.eval_interval is None:
         args.eval_interval = max(1, args.max_iters // 10)
+    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "seeds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.learning_rate <= 0 or args.warmup_iters < 0 or args.weight_decay < 0 or args.grad_clip < 0:
+        parser.error("--learning-rate must be > 0; --warmup-iters, --weight-decay and --grad-clip >= 0")
     for name, value in (saved or {}).items():
         if name not in RESUMABLE and getattr(args, name) != value:
             flag = "--" + name.replace("_", "-")
@@ -301,8 +299,8 @@ def evaluate(model: GPT, nitp: NITP | None, val_batches, autocast) -> dict:
             expert_shares.append(out.expert_share)  # (n_moe_layers, E)
         if i == 0:
             d = out.hidden.size(-1)
-            metrics = {"erank": effective_rank(out.hidden.reshape(-1, d)),  # (B*T, d) states
-                       "anisotropy": anisotropy(out.hidden.reshape(-1, d)),
+            states = out.hidden.reshape(-1, d)  # (B*T, d)
+            metrics = {"erank": effective_rank(states), "anisotropy": anisotropy(states),
                        "erank_by_layer": [effective_rank(z.reshape(-1, d)) for z in out.block_outputs]}
     model.train()
     if expert_shares:  # each expert's share of the routed slots, per MoE layer; ideal is 1/E each
@@ -350,8 +348,8 @@ def setup(args: argparse.Namespace, ckpt: dict | None = None) -> dict:
     if args.compile:
         check_compile(device)
     rank, world_size = torchrun_rank(device)
-    if ckpt is not None and ckpt.get("world_size", 1) != world_size:
-        n = ckpt.get("world_size", 1)
+    n = ckpt.get("world_size", 1) if ckpt is not None else world_size
+    if n != world_size:
         raise ValueError(f"the checkpoint in {args.out_dir} was written by {n} process{'es' * (n > 1)}, this run "
                          f"has {world_size}; an exact continuation needs the same number: resume with "
                          + (f"torchrun --nproc_per_node={n}" if n > 1 else "python, not torchrun"))
@@ -530,8 +528,8 @@ def train(run: dict, on_eval=None, sample: bool = True) -> list[dict]:
                 last = flush()
                 if master:
                     ms = float(np.mean(step_ms[-args.log_interval:]))
-                    terms = " | ".join(f"{k} {last[k]:.4f}" for k in names)
-                    print(f"step {step:5d}/{args.max_iters} | {terms} | lr {lr:.2e} | {ms:.0f} ms/iter | "
+                    shown = " | ".join(f"{k} {last[k]:.4f}" for k in names)
+                    print(f"step {step:5d}/{args.max_iters} | {shown} | lr {lr:.2e} | {ms:.0f} ms/iter | "
                           f"{tokens_per_step / ms:.1f}k tok/s | left {format_time(ms / 1000 * (args.max_iters - step))}")
             if step % args.eval_interval == 0 or step == args.max_iters:
                 flush()
