@@ -3,28 +3,32 @@
     python bench.py                      # the default model of train.py
     python bench.py --n-embd 256 --device cuda --dtype float16
 
-Takes train.py's flags for the model's shape, the batch, the corpus, the device and the dtype. Its MoE
-variants are its own (E = 8, 16, 32 with k = 1 or 2; --n-shared and --n-dense-layers apply), and it times
-eager steps of one micro-batch: --n-expert, --top-k, --compile and --grad-accum are refused. All variants are built in one process and timed in interleaved
-rounds, so that a noisy, shared machine slows them alike; the table reports the median round. The matmul
-peak (a square GEMM in the training dtype) is measured in every round too (it moves with the machine's load
-and clock), and the fraction of peak uses its median; the range is printed beside it.
+Each variant is a training run built as train.py builds one, and each step is train.py's own `train_step`
+(learning rate, clip, NaN guard, the one sync), so every train.py flag about the model, NITP, the batch, the
+optimizer, the device, the dtype and --compile applies. Refused: the flags of a run's length, evaluation and
+output, and --n-expert / --top-k, since the MoE variants are bench.py's own (E = 8, 16, 32 with k = 1 or 2;
+--n-shared, --n-dense-layers and the router coefficients apply). All variants are built in one process and
+timed in interleaved rounds, so that a noisy, shared machine slows them alike; the table reports the median
+round. The matmul peak (a square GEMM in the training dtype) is measured in every round too (it moves with the
+machine's load and clock), and the fraction of peak uses its median; the range is printed beside it.
 
 FLOPs per token are counted analytically (as in the PaLM paper): 6 FLOPs per weight a token passes through
 (2 forward, 4 backward), counting k of the E routed experts and the tied LM head but not the embedding
 lookups, plus attention, 12 · n_layer · block_size · d. The NITP head adds 6 · 12d².
 """
+import argparse
 import statistics
+import sys
 import time
-from dataclasses import replace
 
 import torch
 
+import flags
 import train
-from devices import autocast_for, grad_scaler, pick_device, pick_dtype
-from data import get_batch, load_dataset
-from model import GPT, GPTConfig
-from nitp import NITP, NITPConfig, training_loss
+from devices import autocast_for
+from evaluate import model_size
+from model import GPT
+from nitp import NITP
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -55,95 +59,84 @@ def flops_per_token(model: GPT, nitp: NITP | None) -> float:
     return 6 * (weights + head) + 12 * c.n_layer * c.block_size * c.n_embd
 
 
-def build(config: GPTConfig, use_nitp: bool, args, device):
-    torch.manual_seed(args.seed)
-    model = GPT(config).to(device)
-    nitp = NITP(NITPConfig(lam=args.nitp_lambda, layer=args.nitp_layer), config.n_layer, config.n_embd).to(device) \
-        if use_nitp else None
-    optimizer = train.make_optimizer([model] + ([nitp] if nitp else []), args, device)
-    return model, nitp, optimizer
+# Flags bench.py refuses: they set a run's length, evaluation and output, or the MoE shape that its own variants
+# set. Every other flag of train.py reaches the timed runs, as it would reach a training run.
+REFUSED = ("n_expert", "top_k", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "log_interval",
+           "out_dir", "resume", "compare", "seeds", "probe")
+VARIANTS = {  # name: (n_expert, top_k, NITP on)
+    "NTP (dense)": (1, 1, False), "NITP (dense)": (1, 1, True),
+    "NTP, MoE E=8 k=1": (8, 1, False), "NTP, MoE E=8 k=2": (8, 2, False), "NTP, MoE E=16 k=2": (16, 2, False),
+    "NTP, MoE E=32 k=2": (32, 2, False), "NITP, MoE E=8 k=2": (8, 2, True),
+}
 
 
-def main() -> None:
-    parser = train.make_parser()
+def make_parser():
+    parser = flags.make_parser()
     parser.description = __doc__.splitlines()[0]
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps-per-round", type=int, default=5, help="training steps per variant per round")
     parser.add_argument("--profile", action="store_true", help="also: where dense NTP's step time goes, by op")
-    args = parser.parse_args()
-    own = [flag for flag, default in (("n_expert", 1), ("top_k", 1), ("compile", False), ("grad_accum", 1))
-           if getattr(args, flag) != default]
-    if own:
-        parser.error(f"bench.py times its own MoE variants, eager, one micro-batch per step: drop "
-                     + ", ".join("--" + flag.replace("_", "-") for flag in own))
-    try:
-        device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
-        dataset = load_dataset(args.data, args.tokenizer, args.block_size)
-        dense = GPTConfig(vocab_size=dataset.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                          n_head=args.n_head, n_embd=args.n_embd)
-    except ValueError as e:
-        train.fail(str(e))
-    autocast = autocast_for(device, dtype)
-    scaler = grad_scaler(device, dtype)
-    moe = dict(n_dense_layers=args.n_dense_layers, n_shared=args.n_shared)
-    variants = {
-        "NTP (dense)": (dense, False),
-        "NITP (dense)": (dense, True),
-        "NTP, MoE E=8 k=1": (replace(dense, n_expert=8, top_k=1, **moe), False),
-        "NTP, MoE E=8 k=2": (replace(dense, n_expert=8, top_k=2, **moe), False),
-        "NTP, MoE E=16 k=2": (replace(dense, n_expert=16, top_k=2, **moe), False),
-        "NTP, MoE E=32 k=2": (replace(dense, n_expert=32, top_k=2, **moe), False),
-        "NITP, MoE E=8 k=2": (replace(dense, n_expert=8, top_k=2, **moe), True),
-    }
-    built = {name: build(config, use_nitp, args, device) for name, (config, use_nitp) in variants.items()}
-    rng = torch.Generator().manual_seed(args.seed)
-    batches = [tuple(t.to(device) for t in get_batch(dataset.train, args.batch_size, args.block_size, rng))
-               for _ in range(args.steps_per_round)]
+    return parser
 
-    def run_steps(model, nitp, optimizer) -> float:
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = make_parser()
+    given = [flag for flag in ("--" + name.replace("_", "-") for name in REFUSED)
+             if any(a == flag or a.startswith(flag + "=") for a in argv)]
+    if given:
+        parser.error(f"bench.py times training steps of its own variants: drop {', '.join(given)}")
+    args = flags.parse_args(argv, parser=parser)
+    try:
+        runs = {}
+        for name, (n_expert, top_k, use_nitp) in VARIANTS.items():
+            variant = argparse.Namespace(**{**vars(args), "n_expert": n_expert, "top_k": top_k, "nitp": use_nitp})
+            runs[name] = train.build(variant, train.check(variant))
+    except ValueError as e:
+        flags.fail(str(e))
+    device, dtype = runs["NTP (dense)"].device, runs["NTP (dense)"].dtype
+    autocast = autocast_for(device, dtype)
+    loss_fns = {name: train.loss_module(run, torch.compile(run.model) if args.compile else run.model)
+                for name, run in runs.items()}
+
+    def run_steps(name: str) -> float:
+        """ms per step of `name`, over --steps-per-round steps of train.py's own train_step."""
         sync(device)
         t0 = time.perf_counter()
-        for x, y in batches:
-            with autocast:
-                loss, _ = training_loss(model, nitp, x, y)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+        for _ in range(args.steps_per_round):
+            train.train_step(runs[name], loss_fns[name], autocast)
         sync(device)
-        return 1000 * (time.perf_counter() - t0) / len(batches)
+        return 1000 * (time.perf_counter() - t0) / args.steps_per_round
 
-    for parts in built.values():  # warm-up: allocator, kernels, lazy init
-        run_steps(*parts)
-    times, peaks = {name: [] for name in built}, []
+    for name in runs:  # warm-up: allocator, kernels, lazy init, compilation
+        run_steps(name)
+    times, peaks = {name: [] for name in runs}, []
     for _ in range(args.rounds):
         peaks.append(matmul_peak(device, dtype))
-        for name, parts in built.items():
-            times[name].append(run_steps(*parts))
+        for name in runs:
+            times[name].append(run_steps(name))
     peak = statistics.median(peaks)
 
-    tokens = args.batch_size * args.block_size
+    tokens = args.batch_size * args.grad_accum * args.block_size
     base_ms = statistics.median(times["NTP (dense)"])
-    base_flops = flops_per_token(*built["NTP (dense)"][:2])
-    print(f"device {device} | {str(dtype).removeprefix('torch.')} | threads {torch.get_num_threads()} | batch {args.batch_size} x {args.block_size} tokens"
+    base_flops = flops_per_token(runs["NTP (dense)"].model, None)
+    print(f"device {device} | {str(dtype).removeprefix('torch.')} | threads {torch.get_num_threads()} | "
+          f"{args.grad_accum} x {args.batch_size} x {args.block_size} tokens per step"
           f" | matmul peak {peak / 1e9:.0f} GFLOP/s (median of {len(peaks)} rounds; "
           f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f})")
     print(f"{'variant':20s} {'params':>14s} {'MFLOP/tok':>10s} {'ms/iter':>8s} {'tok/s':>8s} "
           f"{'of peak':>8s} {'time x':>7s} {'FLOPs x':>8s}")
-    for name, (model, nitp, _) in built.items():
+    for name, run in runs.items():
         ms = statistics.median(times[name])
-        flops = flops_per_token(model, nitp)
-        print(f"{name:20s} {train.param_name(model):>14s} {flops / 1e6:10.2f} {ms:8.1f} {tokens / ms * 1e3:8.0f} "
+        flops = flops_per_token(run.model, run.nitp)
+        print(f"{name:20s} {model_size(run.model):>14s} {flops / 1e6:10.2f} {ms:8.1f} {tokens / ms * 1e3:8.0f} "
               f"{flops * tokens / (ms / 1e3) / peak:8.1%} {ms / base_ms:7.2f} {flops / base_flops:8.2f}")
     nitp_ms = statistics.median(times["NITP (dense)"])
-    nitp_flops = flops_per_token(*built["NITP (dense)"][:2])
+    nitp_flops = flops_per_token(runs["NITP (dense)"].model, runs["NITP (dense)"].nitp)
     print(f"NITP overhead: analytic {nitp_flops / base_flops - 1:+.1%} FLOPs (6·12d² per token), "
           f"measured {nitp_ms / base_ms - 1:+.1%} wall-clock; at inference the head is dropped: +0%")
     if args.profile:
-        profile(lambda: run_steps(*built["NTP (dense)"]), device)
+        profile(lambda: run_steps("NTP (dense)"), device)
 
 
 def profile(run_steps, device: torch.device, top: int = 10) -> None:

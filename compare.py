@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import probe
+import train
 from data import labelled_sections
 
 # key in the eval records, label, format, and which direction the paper says NITP moves it (None: no claim)
@@ -159,26 +160,31 @@ def plot(out_dir: Path, seeds: list[int], nitp_layer: int, summary: dict) -> Non
     print(f"plot: {out_dir / 'compare.png'}")
 
 
-def compare(args: argparse.Namespace, setup, train) -> None:
-    """Run NTP and NITP for args.seeds seeds starting at args.seed; setup/train are train.py's."""
+def run_args(args: argparse.Namespace, seed: int) -> dict[str, argparse.Namespace]:
+    """The settings of one seed's runs, by name: train.py's own, with NITP off and on, each in its folder."""
+    return {name: argparse.Namespace(**{**vars(args), "nitp": use_nitp, "seed": seed, "compare": False,
+                                        "out_dir": str(Path(args.out_dir) / f"seed{seed}-{name.lower()}")})
+            for name, use_nitp in (("NTP", False), ("NITP", True))}
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Run NTP and NITP for args.seeds seeds starting at args.seed."""
     started = time.perf_counter()
     out_dir = Path(args.out_dir)
     seeds = list(range(args.seed, args.seed + args.seeds))
     finals, baselines, probe_s = [], [], 0.0
     for seed in seeds:
         results, models = {}, {}
-        for name, use_nitp in (("NTP", False), ("NITP", True)):
+        for name, settings in run_args(args, seed).items():
             print(f"\n=== seed {seed}: {name} ===")
-            run_args = argparse.Namespace(**{**vars(args), "nitp": use_nitp, "seed": seed, "compare": False,
-                                             "out_dir": str(out_dir / f"seed{seed}-{name.lower()}")})
             ntp_by_step = {r["step"]: r for r in results.get("NTP", [])}
-            show = (lambda r: print_side_by_side(ntp_by_step[r["step"]], r)) if use_nitp else None
-            run = setup(run_args)
-            results[name], models[name] = train(run, on_eval=show, sample=False), run["model"]
+            show = (lambda r: print_side_by_side(ntp_by_step[r["step"]], r)) if settings.nitp else None
+            run = train.setup(settings)
+            results[name], models[name] = train.train(run, on_eval=show, sample=False), run.model
         # The frozen-representation tasks (probe.py), on each final model, beside the sanity baselines.
         print(f"\n=== seed {seed}: frozen representations ===")
         t0 = time.perf_counter()
-        sections = labelled_sections(args.data, run["dataset"].tokenizer)
+        sections = labelled_sections(args.data, run.dataset.tokenizer)
         # the baselines (a random network, a bag of tokens) tell the same story for every seed: once is enough
         rows = probe.report(models, sections, args.block_size, seed, baselines=seed == seeds[0])
         probe_s += time.perf_counter() - t0
@@ -189,7 +195,7 @@ def compare(args: argparse.Namespace, setup, train) -> None:
             for name in models})
     summary = summarize(finals)
     t0 = time.perf_counter()
-    plot(out_dir, seeds, run["nitp"].layer, summary)  # run: the last NITP run
+    plot(out_dir, seeds, run.nitp.layer, summary)  # run: the last NITP run
     # Where the time went: training steps and evaluations from the runs' own logs, the rest measured here
     records = [r for seed in seeds for name in ("ntp", "nitp") for r in read_metrics(out_dir / f"seed{seed}-{name}")]
     seconds = {"training steps": sum(r["ms"] for r in records if not r.get("eval")) / 1000,

@@ -20,6 +20,8 @@ import numpy as np
 import tiktoken
 import torch
 
+from checkpoint import atomic_write
+
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CACHE_DIR = Path(os.environ.get("NITP_CACHE_DIR", Path(__file__).resolve().parent / "data_cache"))
 TOKENIZERS = ("bytes", "gpt2", "r50k_base", "cl100k_base", "o200k_base")
@@ -84,7 +86,7 @@ def shakespeare_text() -> str:
         except Exception as e:
             raise DataError(f"could not download tiny-shakespeare ({e.__class__.__name__}: {e}); save it to "
                             f"{path} by hand, or pass --data PATH") from None
-        _atomic_write(path, raw)
+        atomic_write(path, lambda f: f.write(raw))
     return path.read_text(encoding="utf-8")
 
 
@@ -125,14 +127,6 @@ def load_text(source: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Token cache and splits
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file, then rename: a crash never leaves a half-written cache file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def token_dtype(vocab_size: int) -> type:
     """The smallest unsigned integer type that holds every token id."""
     for dtype in (np.uint8, np.uint16, np.uint32):
@@ -152,25 +146,30 @@ class Dataset:
         return self.tokenizer.n_vocab
 
 
-def load_dataset(source: str, tokenizer_name: str, block_size: int) -> Dataset:
+def split(tokens: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first 90% of the tokens train, the last 10% validate; each must hold one window of block_size + 1."""
+    n_val = int(len(tokens) * VAL_FRACTION)
+    train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    for name, ids in (("train", train), ("val", val)):
+        if len(ids) < block_size + 1:
+            raise DataError(
+                f"the {name} split has {len(ids)} tokens, but --block-size {block_size} needs at least "
+                f"{block_size + 1}; use a longer corpus (the val split is its last {VAL_FRACTION:.0%}) "
+                f"or a smaller --block-size")
+    return train, val
+
+
+def load_dataset(source: str, tokenizer: tiktoken.Encoding, block_size: int) -> Dataset:
     """Tokenize `source` (cached by content hash) and split it into train and val token arrays."""
-    tokenizer = get_tokenizer(tokenizer_name)
     text = load_text(source)
     digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
     dtype = token_dtype(tokenizer.n_vocab)
     path = CACHE_DIR / f"{digest}.{tokenizer.name}.{np.dtype(dtype).name}.bin"
     if not path.exists():
         ids = np.array(tokenizer.encode_ordinary(text), dtype=dtype)
-        _atomic_write(path, ids.tobytes())
-    tokens = np.memmap(path, dtype=dtype, mode="r")
-    n_val = int(len(tokens) * VAL_FRACTION)
-    train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
-    for split, ids in (("train", train), ("val", val)):
-        if len(ids) < block_size + 1:
-            raise DataError(
-                f"the {split} split has {len(ids)} tokens, but --block-size {block_size} needs at least "
-                f"{block_size + 1}; use a longer corpus (the val split is its last {VAL_FRACTION:.0%}) "
-                f"or a smaller --block-size")
+        split(ids, block_size)  # a corpus too short is refused before anything is cached
+        atomic_write(path, lambda f: f.write(ids.tobytes()))
+    train, val = split(np.memmap(path, dtype=dtype, mode="r"), block_size)
     return Dataset(train, val, tokenizer)
 
 

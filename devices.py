@@ -23,6 +23,8 @@ def pick_device(name: str) -> torch.device:
     except (RuntimeError, AssertionError) as e:
         reason = str(e).splitlines()[0].split(". ")[0][:160]  # torch's first sentence; the rest lists backends
         raise ValueError(f"device {name!r} is not usable here ({reason}); try --device cpu")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the current GPU, for the kernels that take no device (and for nccl)
     return device
 
 
@@ -87,6 +89,4 @@ def torchrun_rank(device: torch.device) -> tuple[int, int]:
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"torchrun runs on CUDA GPUs (nccl) or the CPU (gloo), not on {device.type}; "
                          f"add --device cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

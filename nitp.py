@@ -79,16 +79,22 @@ class SwiGLUHead(nn.Module):
         return self.down(F.silu(self.gate(h)) * self.up(h))  # (..., d) -> (..., 4d) -> (..., d)
 
 
+def target_layer(config: NITPConfig, n_layer: int) -> int:
+    """k for a model of n_layer blocks: the configured one, or the default. Raises ValueError if out of range.
+    The last block's output is h itself (before the final norm): never a target."""
+    layer = default_layer(n_layer) if config.layer is None else config.layer
+    if not 0 <= layer <= n_layer - 1:
+        raise ValueError(f"NITP target layer must be in 0..{n_layer - 1} for a {n_layer}-layer model, got {layer}")
+    return layer
+
+
 class NITP(nn.Module):
     """The projection head and the NITP loss. It owns no part of the backbone and is dropped after training."""
 
     def __init__(self, config: NITPConfig, n_layer: int, n_embd: int):
         super().__init__()
         self.config = config
-        self.layer = default_layer(n_layer) if config.layer is None else config.layer
-        if not 0 <= self.layer <= n_layer - 1:
-            raise ValueError(f"NITP target layer must be in 0..{n_layer - 1} for a {n_layer}-layer model, "
-                             f"got {self.layer}")
+        self.layer = target_layer(config, n_layer)
         if config.head == "swiglu":
             self.head = SwiGLUHead(n_embd)
         elif config.head == "linear":
@@ -113,9 +119,18 @@ class NITP(nn.Module):
             return F.mse_loss(pred, target, reduction="none").mean(dim=-1)
         return F.smooth_l1_loss(pred, target, reduction="none").mean(dim=-1)
 
-    def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """L_NITP: the mean distance over all positions that have a target."""
-        return self.distances(h, z).mean()
+    def forward(self, h: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """L_NITP: the mean distance over all positions that have a target.
+
+        mask: optional (B, T-shift) bool, which pairs (t, t+shift) count. Padding and packed documents need
+        one, or P(h_t) would learn to predict a pad or the next document's first token. With shift 1:
+          from an attention mask a (B, T):   mask = a[:, :-1].bool() & a[:, 1:].bool()
+          from document ids doc (B, T):      mask = doc[:, :-1] == doc[:, 1:]"""
+        distances = self.distances(h, z)  # (B, T-shift)
+        if mask is None:
+            return distances.mean()
+        # where(), not distances[mask]: no host sync for the count; 0, not NaN, when no pair counts
+        return torch.where(mask, distances, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def training_loss(model: nn.Module, nitp: NITP | None, x: torch.Tensor, y: torch.Tensor,

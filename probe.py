@@ -63,6 +63,7 @@ def embed(model: GPT, ids: torch.Tensor, mask: torch.Tensor, bag_of_tokens: bool
     """Frozen embeddings (M, d): the pooled final hidden states (after ln_f), or with bag_of_tokens the
     pooled input token embeddings, a baseline that ignores order and context. Pooled in fp32 on the CPU,
     whatever device the model is on, so that the scores do not depend on where it trained."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -70,6 +71,7 @@ def embed(model: GPT, ids: torch.Tensor, mask: torch.Tensor, bag_of_tokens: bool
         x = ids[i:i + batch_size].to(device)
         states = model.wte(x) if bag_of_tokens else model(x).hidden  # (b, T, d)
         out.append(mean_pool(states.to("cpu", torch.float32), mask[i:i + batch_size]))
+    model.train(was_training)  # the caller's model comes back as it came
     return torch.cat(out)
 
 
@@ -77,8 +79,9 @@ def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, train: t
                           steps: int = 100, weight_decay: float = 1e-3) -> float:
     """Logistic regression on frozen features, trained full-batch with L-BFGS; test accuracy."""
     n_classes = int(labels.max()) + 1
-    torch.manual_seed(0)
-    probe = torch.nn.Linear(features.size(1), n_classes)
+    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's random state alone
+        torch.manual_seed(0)
+        probe = torch.nn.Linear(features.size(1), n_classes)
     optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
     scale = features[train].std().clamp(min=1e-8)  # features are unit vectors: bring them to unit scale per dim
 
@@ -137,8 +140,9 @@ def report(models: dict[str, GPT], sections: list[tuple[str, list[int]]], length
     rows = {name: evaluate_representations(model, passages) for name, model in models.items()}
     if baselines:
         first = next(iter(models.values()))
-        torch.manual_seed(seed)
-        untrained = GPT(first.config).to(next(first.parameters()).device)
+        with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
+            torch.manual_seed(seed)
+            untrained = GPT(first.config).to(next(first.parameters()).device)
         rows["random init, same shape"] = evaluate_representations(untrained, passages)
         rows["bag of tokens (its embeddings)"] = evaluate_representations(first, passages, bag_of_tokens=True)
     rows["chance"] = chance_levels(passages)

@@ -1,0 +1,56 @@
+"""What the tests share: tiny settings, tiny models, the token cache, and the devices to test on.
+
+Run the tests with `python -m pytest -q`. They are hermetic: no network. Tests that train, resume, evaluate,
+sample, probe or benchmark take the `device` fixture and run once per device: on the CPU always, and on CUDA
+and MPS where present; elsewhere those cases skip, saying why.
+"""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+from model import GPT, GPTConfig
+from nitp import NITP, NITPConfig
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16", "--batch-size", "4",
+        "--eval-iters", "2", "--log-interval", "5"]
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory, monkeypatch):
+    """Keep the token cache out of the repository; share it across tests so each corpus is tokenized once."""
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path_factory.getbasetemp() / "token_cache")
+
+
+def tiny_model(n_layer=4, seed=0, **kw) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=n_layer, n_head=2, n_embd=16, **kw))
+
+
+def tiny_nitp(n_layer=4, d=16, seed=1, **kw) -> NITP:
+    torch.manual_seed(seed)
+    return NITP(NITPConfig(**kw), n_layer=n_layer, n_embd=d)
+
+
+def tokens(B=3, T=12, seed=0) -> torch.Tensor:
+    return torch.randint(0, 50, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def read_metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# Poisons for the NaN/inf guard: replace train.training_loss's result with one of these
+
+def poison_the_nitp_loss(loss, parts):
+    parts["nitp"] = parts["nitp"] * float("nan")
+    return parts["lm"] + parts["nitp"], parts
+
+
+def poison_the_gradients(loss, parts):
+    loss.register_hook(lambda grad: grad * float("inf"))  # the loss stays finite, its gradients do not
+    return loss, parts

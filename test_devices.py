@@ -1,0 +1,150 @@
+"""Tests of devices and precision (devices.py): the choices, mocked where the device is absent; autocast on the CPU."""
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import devices
+import train
+from conftest import TINY, poison_the_gradients, poison_the_nitp_loss, read_metrics, tiny_model, tokens
+from nitp import anisotropy, effective_rank
+
+# ---------------------------------------------------------------------------------------------------- devices and precision
+
+CUDA, MPS, CPU = torch.device("cuda"), torch.device("mps"), torch.device("cpu")
+
+
+def gpu_of_capability(monkeypatch, capability: tuple[int, int]) -> None:
+    """Stand in for a CUDA GPU of this compute capability: pick_dtype and check_compile ask only this."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+@pytest.mark.parametrize("device,capability,expected", [
+    (CUDA, (9, 0), torch.bfloat16), (CUDA, (8, 0), torch.bfloat16),  # H100, A100: native bf16
+    (CUDA, (7, 5), torch.float16), (CUDA, (7, 0), torch.float16),    # T4, V100: bf16 only emulated
+    (CPU, None, torch.float32), (MPS, None, torch.float32)])
+def test_auto_precision_follows_the_device(device, capability, expected, monkeypatch):
+    gpu_of_capability(monkeypatch, capability)
+    assert devices.pick_dtype("auto", device) == expected
+
+
+def test_a_precision_the_device_cannot_run_is_refused(monkeypatch):
+    gpu_of_capability(monkeypatch, (7, 5))
+    with pytest.raises(ValueError, match="compute capability 7.5.*float16"):
+        devices.pick_dtype("bfloat16", CUDA)
+    assert devices.pick_dtype("float16", CUDA) == torch.float16 and devices.pick_dtype("float32", CUDA) == torch.float32
+    for dtype in ("bfloat16", "float16"):
+        with pytest.raises(ValueError, match="MPS.*float32"):
+            devices.pick_dtype(dtype, MPS)
+    assert [devices.pick_dtype(d, CPU) for d in ("bfloat16", "float16")] == [torch.bfloat16, torch.float16]
+
+
+def test_compile_is_refused_where_it_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match="MPS"):
+        devices.check_compile(MPS)
+    gpu_of_capability(monkeypatch, (6, 1))  # a GTX 10xx: below Triton's minimum
+    with pytest.raises(ValueError, match="7.0"):
+        devices.check_compile(CUDA)
+    gpu_of_capability(monkeypatch, (7, 5))
+    devices.check_compile(CUDA)
+    devices.check_compile(CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_nitp_with_moe_trains_under_autocast_with_the_router_in_fp32(dtype, tmp_path, capsys):
+    """CPU autocast stands in for the GPU's: matmuls run in the low precision, the router stays in fp32, and a
+    few training steps of NITP on an MoE model give finite losses."""
+    model = tiny_model(n_expert=4, top_k=2)
+    router_logits = []
+    model.blocks[1].mlp.register_forward_hook(lambda m, i, o: router_logits.append(m.route(i[0].flatten(0, 1))[0]))
+    with devices.autocast_for(CPU, dtype):
+        out = model(tokens(), tokens(seed=1))
+    assert out.logits.dtype == dtype and router_logits[0].dtype == torch.float32
+    name = str(dtype).removeprefix("torch.")
+    train.main(TINY + ["--nitp", "--n-expert", "4", "--top-k", "2", "--dtype", name, "--max-iters", "4",
+                       "--out-dir", str(tmp_path)])
+    steps = [r for r in read_metrics(tmp_path) if not r.get("eval")]
+    assert len(steps) == 4 and all(np.isfinite([r["lm"], r["nitp"], r["moe_aux"]]).all() for r in steps)
+    # fp16's scaler starts at 2^16 and may skip the first steps while it finds its scale; bf16 has no scaler.
+    assert all(r.get("skipped") or np.isfinite(r["grad_norm"]) for r in steps)
+    assert not any(r.get("skipped") for r in steps) or dtype == torch.float16
+    assert name in capsys.readouterr().out.splitlines()[0]
+
+
+def poison_once_at_step_6(monkeypatch, poison) -> None:
+    real_training_loss = train.training_loss
+
+    def poisoned(model, nitp, x, y, step):
+        loss, parts = real_training_loss(model, nitp, x, y, step)
+        return poison(loss, parts) if step + 1 == 6 else (loss, parts)
+
+    monkeypatch.setattr(train, "training_loss", poisoned)
+
+
+def test_under_fp16_inf_gradients_skip_the_step_and_the_run_goes_on(tmp_path, monkeypatch):
+    """With --dtype float16 the gradient scaler owns overflow: step 6's inf gradients make it skip that update
+    and halve its scale, the run finishes, and metrics.jsonl marks the step as skipped. (The scaler may also
+    skip a first step or two while it finds its scale: the same ones in a run without the poison.)"""
+    args = TINY + ["--nitp", "--dtype", "float16", "--max-iters", "8", "--eval-interval", "8"]
+    train.main(args + ["--out-dir", str(tmp_path / "clean")])
+    poison_once_at_step_6(monkeypatch, poison_the_gradients)
+    train.main(args + ["--out-dir", str(tmp_path / "poisoned")])
+    skipped = [{r["step"] for r in read_metrics(tmp_path / run) if r.get("skipped")} for run in ("clean", "poisoned")]
+    assert 6 not in skipped[0] and skipped[1] == skipped[0] | {6}
+    steps = [r for r in read_metrics(tmp_path / "poisoned") if not r.get("eval")]
+    assert len(steps) == 8 and steps[5]["grad_norm"] is None
+    scales = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["scaler"]["scale"] for run in ("clean", "poisoned")]
+    assert scales[1] == scales[0] / 2
+
+
+def test_under_fp16_a_nan_loss_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    poison_once_at_step_6(monkeypatch, poison_the_nitp_loss)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--nitp", "--dtype", "float16", "--max-iters", "8", "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 3 and "step 6: the nitp loss is nan" in capsys.readouterr().err
+
+
+def test_metrics_give_the_same_numbers_for_states_in_any_dtype_on_any_device():
+    """Effective rank and anisotropy compute in fp32 on the CPU, whatever the states' dtype and device."""
+    states = torch.randn(200, 16, generator=torch.Generator().manual_seed(0)) @ torch.randn(16, 16)
+    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        rounded = states.to(dtype)
+        expected = (effective_rank(rounded.float()), anisotropy(rounded.float()))
+        for device in devices:
+            assert (effective_rank(rounded.to(device)), anisotropy(rounded.to(device))) == expected, (dtype, device)
+
+
+def test_a_training_step_waits_for_the_device_only_once(tmp_path, monkeypatch):
+    """On a GPU, reading a tensor's value waits for all queued work. train.py reads one value per step, in
+    sync_step (the NaN/inf guard); the loss terms stay on the device until a log line needs them, and are
+    then read in one go (flush)."""
+    reads = []
+    for method in ("item", "tolist"):
+        def reading(self, *args, real=getattr(torch.Tensor, method)):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename == train.__file__:
+                reads.append(caller.co_name)
+            return real(self, *args)
+        monkeypatch.setattr(torch.Tensor, method, reading)
+    train.main(TINY + ["--nitp", "--max-iters", "12", "--log-interval", "4", "--eval-interval", "6",
+                       "--out-dir", str(tmp_path)])
+    reads = Counter(reads)
+    assert reads.pop("sync_step") == 12
+    assert reads.pop("flush") == 4          # steps 4, 6 (eval), 8, 12
+    assert reads.pop("train") == 1          # the sample, after training
+    assert set(reads) <= {"evaluate"}       # the evaluations (steps 0, 6, 12) read what they print
+    assert [r["step"] for r in read_metrics(tmp_path) if not r.get("eval")] == list(range(1, 13))
+
+
+def test_sampling_never_picks_a_token_outside_the_top_k():
+    """generate samples on the CPU from the masked distribution: with top_k=1 it is greedy decoding."""
+    model = tiny_model()
+    torch.manual_seed(0)
+    sampled = model.generate(tokens(B=2, T=3), max_new_tokens=8, top_k=1)
+    greedy = tokens(B=2, T=3)
+    for _ in range(8):
+        greedy = torch.cat([greedy, model(greedy).logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(sampled, greedy)
