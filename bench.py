@@ -31,17 +31,23 @@ from model import GPT
 from nitp import NITP
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square GEMM in the dtype that training uses."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, min_seconds: float = 0.05) -> float:
+    """FLOP/s of back-to-back square GEMMs in the dtype that training uses. Timed over at least min_seconds
+    between two syncs: one 2048³ GEMM takes tens of µs on a large GPU, as long as a launch and a sync."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
+    out = torch.empty_like(a)
+    torch.matmul(a, b, out=out)  # warm-up: the library picks its kernel
+    repeats = 1
+    while True:
         sync(device)
         t0 = time.perf_counter()
-        a @ b
+        for _ in range(repeats):
+            torch.matmul(a, b, out=out)
         sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+        seconds = time.perf_counter() - t0
+        if seconds >= min_seconds:
+            return 2 * n ** 3 * repeats / seconds
+        repeats *= 2
 
 
 def sync(device: torch.device) -> None:
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         flags.fail(str(e))
     device, dtype = runs["NTP (dense)"].device, runs["NTP (dense)"].dtype
     autocast = autocast_for(device, dtype)
-    loss_fns = {name: train.loss_module(run, torch.compile(run.model) if args.compile else run.model)
+    loss_fns = {name: train.loss_module(run, train.compiled(run.model) if args.compile else run.model)
                 for name, run in runs.items()}
 
     def run_steps(name: str) -> float:
@@ -152,6 +158,8 @@ def profile(run_steps, device: torch.device, top: int = 10) -> None:
                  and hasattr(events[0], a)), "self_cpu_time_total")
     total = sum(getattr(e, attr) for e in events)
     print(f"where dense NTP's step time goes ({attr}, all ops = 100%):")
+    if device.type == "mps":  # torch.profiler has no MPS activity: it times the CPU's side only
+        print("  (on MPS these are the CPU's times to dispatch each op, not the GPU's times to run it)")
     for e in sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]:
         print(f"  {getattr(e, attr) / total:6.1%}  {e.key}")
 

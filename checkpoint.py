@@ -19,7 +19,7 @@ import torch
 VERSION = 1
 REQUIRED = {"step", "model", "nitp", "optimizer", "args", "rng"}  # what restore() reads
 # Flags that a resumed run may change: how long, where or how fast it trains, not what it trains.
-RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile"}
+RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile", "deterministic"}
 # Flags that say what to do now, not how the run was trained: never taken from a checkpoint.
 NOT_SAVED = {"resume", "probe", "compare", "seeds", "out_dir"}
 
@@ -101,7 +101,7 @@ def restore(run, ckpt: dict) -> None:
         run.model.load_state_dict(ckpt["model"])
         if run.nitp is not None:
             run.nitp.load_state_dict(ckpt["nitp"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.optimizer.load_state_dict(with_kernels_of(run.optimizer, ckpt["optimizer"]))
         if ckpt.get("scaler"):
             run.scaler.load_state_dict(ckpt["scaler"])
         run.batch_rng.set_state(ckpt["rng"]["batches"])
@@ -110,6 +110,18 @@ def restore(run, ckpt: dict) -> None:
         raise ValueError(f"the checkpoint in {run.args.out_dir} does not fit this model "
                          f"({str(e).splitlines()[0][:120]}); start a new run in another --out-dir") from None
     run.step = ckpt["step"]
+
+
+def with_kernels_of(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """The saved optimizer state with this optimizer's kernel choice (fused, foreach) in its groups.
+
+    load_state_dict restores the saved groups whole, their kernel choice included: a checkpoint from the CPU
+    (a loop) would make a fused CUDA AdamW unfused, and under fp16 the gradient scaler, which saw a fused
+    optimizer when it was built, then crashes the first step. Put before loading, the choice also moves each
+    parameter's step count to where a fused kernel needs it."""
+    groups = [{**saved_group, **{k: group[k] for k in ("fused", "foreach") if k in group}}
+              for saved_group, group in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
 
 
 def start_metrics(path: Path, step: int) -> None:

@@ -17,6 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
+
 import probe
 import train
 from data import labelled_sections
@@ -179,6 +181,8 @@ def compare(args: argparse.Namespace) -> None:
             print(f"\n=== seed {seed}: {name} ===")
             ntp_by_step = {r["step"]: r for r in results.get("NTP", [])}
             show = (lambda r: print_side_by_side(ntp_by_step[r["step"]], r)) if settings.nitp else None
+            if args.compile:  # each run compiles its own model, and its ms/iter includes that, as on its own
+                torch._dynamo.reset()
             run = train.setup(settings)
             results[name], models[name] = train.train(run, on_eval=show, sample=False), run.model
         # The frozen-representation tasks (probe.py), on each final model, beside the sanity baselines.

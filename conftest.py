@@ -20,6 +20,35 @@ TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16
         "--eval-iters", "2", "--log-interval", "5"]
 
 
+def missing(device: str) -> str | None:
+    """Why this machine cannot test `device`, or None if it can."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU here"
+    if device == "mps" and not torch.backends.mps.is_available():
+        return "no Apple MPS device here"
+    return None
+
+
+@pytest.fixture(params=["cpu", "cuda", "mps"])
+def device(request) -> str:
+    """Each test that takes this runs on the CPU, and on CUDA and MPS where this machine has them."""
+    if missing(request.param):
+        pytest.skip(missing(request.param))
+    return request.param
+
+
+def exact(device: str) -> list[str]:
+    """Flags for runs that must repeat bit for bit on `device`: on CUDA, torch's deterministic algorithms (the
+    CPU is deterministic without them; on MPS we do not know, and the tests compare to 1e-5 there)."""
+    return ["--device", device] + (["--deterministic"] if device == "cuda" else [])
+
+
+def same(a, b, device: str) -> bool:
+    """Bit for bit where runs repeat exactly (the CPU; CUDA with exact()), else to 1e-5."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return torch.equal(a, b) if device != "mps" else torch.allclose(a.float(), b.float(), atol=1e-5, rtol=0)
+
+
 @pytest.fixture(autouse=True)
 def token_cache(tmp_path_factory, monkeypatch):
     """Keep the token cache out of the repository; share it across tests so each corpus is tokenized once."""

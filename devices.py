@@ -13,19 +13,53 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_device(name: str) -> torch.device:
+    """The device to train on, checked by running a kernel there. A GPU that this torch build has no kernels for
+    (its wheel was built for newer GPUs only) is refused with the build to install instead."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU per process on this machine
         name = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
         device = torch.device(name)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:
+        run_a_kernel(device)
+    except (RuntimeError, AssertionError) as e:  # AcceleratorError (torch 2.9+) is a RuntimeError
+        if "no kernel image" in str(e):
+            raise ValueError(missing_kernels(device)) from None
         reason = str(e).splitlines()[0].split(". ")[0][:160]  # torch's first sentence; the rest lists backends
-        raise ValueError(f"device {name!r} is not usable here ({reason}); try --device cpu")
+        raise ValueError(f"device {name!r} is not usable here ({reason}); try --device cpu") from None
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the current GPU, for the kernels that take no device (and for nccl)
     return device
+
+
+def run_a_kernel(device: torch.device) -> None:
+    """Allocating memory is not enough: a GPU older than the build's kernels allocates fine and fails at the
+    first kernel. .item() waits for the kernel, so that its error surfaces here."""
+    (torch.ones(4, device=device) * 2).sum().item()
+
+
+def missing_kernels(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return (f"this PyTorch build ({torch.__version__}) has no kernels for {torch.cuda.get_device_name(device)} "
+            f"(compute capability {major}.{minor}; the build has {' '.join(torch.cuda.get_arch_list())}); "
+            f"install a build for it, e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126 "
+            f"(kernels for 5.0 to 9.0), or use --device cpu")
+
+
+def use_deterministic_algorithms() -> None:
+    """For --deterministic. Without it, CUDA runs differ in the last bits from run to run: attention's backward
+    and index_add_ (the MoE's scatter) add up partial results in whatever order the GPU's threads finish. cuBLAS
+    reads its workspace setting once, at its first call: it must be set before any matmul."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
+def optimizer_kernels(device: torch.device) -> dict:
+    """How AdamW runs here: one fused kernel for all parameters on CUDA and MPS (both since torch 2.4). On the
+    CPU, the default loop over the parameters: the classroom numbers were measured with it, and a step of the
+    toy model is dominated by the matmuls anyway. checkpoint.restore re-applies this choice on resume, since
+    a checkpoint written on another device carries that device's choice."""
+    return {"fused": True} if device.type in ("cuda", "mps") else {}
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -76,10 +110,14 @@ def check_compile(device: torch.device) -> None:
 
 
 def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host to GPU through pinned memory, without waiting: the copy overlaps the work already queued."""
-    if device.type == "cuda":
-        return batch.pin_memory().to(device, non_blocking=True)
-    return batch.to(device)
+    """Host to GPU through one contiguous pinned copy, without waiting: the copy overlaps the work already
+    queued. (A batch is a strided view of its windows; pin_memory() would keep the strides, and a strided copy
+    to the GPU first makes an unpinned temporary, which waits.)"""
+    if device.type != "cuda":
+        return batch.to(device)
+    staged = torch.empty(batch.shape, dtype=batch.dtype, pin_memory=True)  # contiguous and page-locked
+    staged.copy_(batch)
+    return staged.to(device, non_blocking=True)
 
 
 def torchrun_rank(device: torch.device) -> tuple[int, int]:

@@ -98,6 +98,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="'auto': bfloat16 on CUDA GPUs that have it natively, float16 on older ones, float32 "
                         "on the CPU and MPS; bfloat16/float16 train under autocast")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile (CUDA, CPU)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="torch's deterministic algorithms: on CUDA, runs and resumes that repeat bit for bit, "
+                        "somewhat slower (the CPU is deterministic without it)")
     return p
 
 

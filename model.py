@@ -72,6 +72,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)                          # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, C/H)
+        if x.device.type == "mps":  # MPS attention read strided q/k/v wrongly in torch 2.8-2.12 (pytorch#181133)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)    # (B, H, T, C/H)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                # (B, T, C)
         return self.proj(y)

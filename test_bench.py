@@ -16,7 +16,8 @@ USED = {"nitp": [], "nitp_lambda": ["0.5"], "nitp_layer": ["0"], "nitp_shift": [
         "tokenizer": ["gpt2"], "n_layer": ["3"], "n_head": ["1"], "n_embd": ["48"], "block_size": ["8"],
         "n_shared": ["1"], "n_dense_layers": ["2"], "aux_loss_coef": ["0.5"], "z_loss_coef": ["0.5"],
         "batch_size": ["3"], "grad_accum": ["2"], "learning_rate": ["0.5"], "weight_decay": ["0.5"],
-        "grad_clip": ["0.5"], "seed": ["7"], "device": ["meta"], "dtype": ["bfloat16"], "compile": []}
+        "grad_clip": ["0.5"], "seed": ["7"], "device": ["meta"], "dtype": ["bfloat16"], "compile": [],
+        "deterministic": []}
 
 
 def test_the_speed_report_refuses_the_flags_it_would_ignore(capsys):
@@ -63,13 +64,17 @@ def test_flops_per_token_add_the_head_and_count_only_the_k_experts_a_token_uses(
     assert bench.flops_per_token(dense, None) == 6 * (dense.num_params() - 16 * 16) + 12 * 4 * 16 * 16
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_speed_report_prints_one_table_with_the_nitp_overhead(dtype, monkeypatch, capsys):
-    """bench.py on the CPU, in fp32 and (as a stand-in for a GPU's autocast) bf16, with the op profile."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_the_speed_report_prints_one_table_with_the_nitp_overhead(dtype, device, monkeypatch, capsys):
+    """bench.py in each precision, with the op profile (on the CPU, bf16 and fp16 stand in for a GPU's)."""
+    if device == "mps" and dtype != "float32":
+        pytest.skip("MPS trains in float32 only")
+    if device == "cuda" and dtype == "bfloat16" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("this GPU has no native bfloat16")
     peaks = []
     real_peak = bench.matmul_peak
     monkeypatch.setattr(bench, "matmul_peak", lambda device, dtype: peaks.append(dtype) or real_peak(device, dtype, n=64))
-    bench.main([*SHAPE, "--rounds", "2", "--steps-per-round", "1", "--dtype", dtype, "--profile"])
+    bench.main([*SHAPE, "--device", device, "--rounds", "2", "--steps-per-round", "1", "--dtype", dtype, "--profile"])
     printed = capsys.readouterr().out
     assert peaks == [getattr(torch, dtype)] * 2  # the peak GEMM runs in the training dtype, every round
     assert "matmul peak" in printed and "NITP overhead: analytic" in printed and dtype in printed

@@ -1,6 +1,5 @@
 """Tests of the NTP vs NITP experiment (compare.py) and of the frozen-representation tasks (probe.py)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,16 +14,15 @@ from conftest import TINY, read_metrics, tiny_model
 
 # ---------------------------------------------------------------------------------------------------- compare.py
 
-def test_compare_starts_both_runs_from_the_same_weights_and_batches(tmp_path, monkeypatch, capsys):
+def test_compare_starts_both_runs_from_the_same_weights_and_batches(device, tmp_path, monkeypatch, capsys):
     """--compare: the NTP and NITP runs begin with identical backbone weights and see identical batches."""
     real_setup, real_get_batch = train.setup, train.get_batch
     initial_weights, batches = [], []
 
     def recording_setup(args, ckpt=None):
         run = real_setup(args, ckpt)
-        if "seed" in Path(args.out_dir).name:  # the two training runs, not main()'s up-front check
-            initial_weights.append({k: v.clone() for k, v in run.model.state_dict().items()})
-            batches.append([])
+        initial_weights.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        batches.append([])
         return run
 
     def recording_get_batch(*a):
@@ -36,7 +34,7 @@ def test_compare_starts_both_runs_from_the_same_weights_and_batches(tmp_path, mo
     monkeypatch.setattr(train, "setup", recording_setup)
     monkeypatch.setattr(train, "get_batch", recording_get_batch)
     monkeypatch.setattr(evaluate, "get_batch", recording_get_batch)
-    train.main(TINY + ["--compare", "--seeds", "1", "--max-iters", "4", "--eval-interval", "2",
+    train.main(TINY + ["--compare", "--device", device, "--seeds", "1", "--max-iters", "4", "--eval-interval", "2",
                        "--out-dir", str(tmp_path)])
     ntp, nitp = initial_weights
     assert ntp.keys() == nitp.keys() and all(torch.equal(ntp[k], nitp[k]) for k in ntp)
@@ -45,10 +43,10 @@ def test_compare_starts_both_runs_from_the_same_weights_and_batches(tmp_path, mo
     assert "step 2" in printed and "delta" in printed
 
 
-def test_compare_with_seeds_writes_its_summary(tmp_path, capsys):
+def test_compare_with_seeds_writes_its_summary(device, tmp_path, capsys):
     """--compare --seeds 2 finishes, writes both runs' metrics per seed and a summary with mean ± std of each
     delta and whether it beats the seed-to-seed spread."""
-    train.main(TINY + ["--compare", "--seeds", "2", "--max-iters", "3", "--eval-interval", "3",
+    train.main(TINY + ["--compare", "--device", device, "--seeds", "2", "--max-iters", "3", "--eval-interval", "3",
                        "--out-dir", str(tmp_path)])
     for run in ("seed1337-ntp", "seed1337-nitp", "seed1338-ntp", "seed1338-nitp"):
         assert any(r.get("eval") for r in read_metrics(tmp_path / run))
@@ -158,13 +156,13 @@ def test_passages_pad_the_short_tail_and_drop_tiny_sections():
     assert mask[-1].tolist() == [True] * 3 + [False] * 7 and mask[:-1].all()
 
 
-def test_probe_flag_scores_a_checkpoint_with_baselines(tmp_path, capsys):
+def test_probe_flag_scores_a_checkpoint_with_baselines(device, tmp_path, capsys):
     """`train.py --probe` reads the checkpoint in --out-dir, trains nothing, and reports the model, a random
     model of the same shape, bag-of-tokens and chance."""
     out = tmp_path / "run"
     train.main(TINY + ["--max-iters", "2", "--out-dir", str(out)])
     before = (out / "metrics.jsonl").read_text()
-    train.main(["--probe", "--out-dir", str(out)])
+    train.main(["--probe", "--device", device, "--out-dir", str(out)])
     rows = json.loads((out / "probe.json").read_text())
     assert set(rows) == {"this model", "random init, same shape", "bag of tokens (its embeddings)", "chance"}
     assert all(0 <= rows[r][k] <= 1 for r in rows for k in ("probe_acc", "retrieval_recall@1", "retrieval_mrr"))
@@ -172,13 +170,23 @@ def test_probe_flag_scores_a_checkpoint_with_baselines(tmp_path, capsys):
     assert "probe acc" in capsys.readouterr().out
 
 
-def test_probing_leaves_the_random_state_and_the_model_mode_as_they_were():
+def test_probing_leaves_the_random_state_and_the_model_mode_as_they_were(device):
     """probe.report seeds its own probe and random baseline, but the caller's random state and the model's
     training mode come back unchanged: probing between two runs changes neither run."""
-    model = tiny_model().train()
+    model = tiny_model().to(device).train()
     sections = [(f"s{i}", [(i * t) % 50 for t in range(200)]) for i in range(3)]
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
     probe.report({"m": model}, sections, 16, seed=0)
     assert torch.equal(torch.rand(3), expected) and model.training
+
+
+def test_compare_with_compile_compiles_each_run_itself(tmp_path):
+    """With --compile, each run of --compare compiles its own model, and its ms/iter includes the compile time,
+    as a run on its own would: the NITP run does not reuse the code compiled for the NTP run before it."""
+    train.main(TINY + ["--compare", "--compile", "--seeds", "1", "--max-iters", "2", "--eval-interval", "2",
+                       "--out-dir", str(tmp_path)])
+    for run in ("seed1337-ntp", "seed1337-nitp"):
+        first, second = (r["ms"] for r in read_metrics(tmp_path / run) if not r.get("eval"))
+        assert first > 10 * second, run  # the first training step compiled

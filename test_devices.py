@@ -1,14 +1,18 @@
 """Tests of devices and precision (devices.py): the choices, mocked where the device is absent; autocast on the CPU."""
 import sys
+import traceback
+import warnings
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
+import data
 import devices
+import flags
 import train
-from conftest import TINY, poison_the_gradients, poison_the_nitp_loss, read_metrics, tiny_model, tokens
+from conftest import TINY, exact, poison_the_gradients, poison_the_nitp_loss, read_metrics, tiny_model, tokens
 from nitp import anisotropy, effective_rank
 
 # ---------------------------------------------------------------------------------------------------- devices and precision
@@ -21,13 +25,13 @@ def gpu_of_capability(monkeypatch, capability: tuple[int, int]) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
 
 
-@pytest.mark.parametrize("device,capability,expected", [
+@pytest.mark.parametrize("kind,capability,expected", [
     (CUDA, (9, 0), torch.bfloat16), (CUDA, (8, 0), torch.bfloat16),  # H100, A100: native bf16
     (CUDA, (7, 5), torch.float16), (CUDA, (7, 0), torch.float16),    # T4, V100: bf16 only emulated
     (CPU, None, torch.float32), (MPS, None, torch.float32)])
-def test_auto_precision_follows_the_device(device, capability, expected, monkeypatch):
+def test_auto_precision_follows_the_device(kind, capability, expected, monkeypatch):
     gpu_of_capability(monkeypatch, capability)
-    assert devices.pick_dtype("auto", device) == expected
+    assert devices.pick_dtype("auto", kind) == expected
 
 
 def test_a_precision_the_device_cannot_run_is_refused(monkeypatch):
@@ -52,19 +56,28 @@ def test_compile_is_refused_where_it_cannot_run(monkeypatch):
     devices.check_compile(CPU)
 
 
+def low_precision(device: str, dtype: str) -> None:
+    """Skip where the device cannot train in dtype (or the GPU, without native bf16, refuses it)."""
+    if device == "mps":
+        pytest.skip("MPS trains in float32 only")
+    if device == "cuda" and dtype == "bfloat16" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("this GPU has no native bfloat16")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_nitp_with_moe_trains_under_autocast_with_the_router_in_fp32(dtype, tmp_path, capsys):
-    """CPU autocast stands in for the GPU's: matmuls run in the low precision, the router stays in fp32, and a
-    few training steps of NITP on an MoE model give finite losses."""
-    model = tiny_model(n_expert=4, top_k=2)
+def test_nitp_with_moe_trains_under_autocast_with_the_router_in_fp32(dtype, device, tmp_path, capsys):
+    """Under autocast (on the CPU, the stand-in for a GPU's) the matmuls run in the low precision, the router
+    stays in fp32, and a few training steps of NITP on an MoE model give finite losses."""
+    name = str(dtype).removeprefix("torch.")
+    low_precision(device, name)
+    model = tiny_model(n_expert=4, top_k=2).to(device)
     router_logits = []
     model.blocks[1].mlp.register_forward_hook(lambda m, i, o: router_logits.append(m.route(i[0].flatten(0, 1))[0]))
-    with devices.autocast_for(CPU, dtype):
-        out = model(tokens(), tokens(seed=1))
+    with devices.autocast_for(torch.device(device), dtype):
+        out = model(tokens().to(device), tokens(seed=1).to(device))
     assert out.logits.dtype == dtype and router_logits[0].dtype == torch.float32
-    name = str(dtype).removeprefix("torch.")
-    train.main(TINY + ["--nitp", "--n-expert", "4", "--top-k", "2", "--dtype", name, "--max-iters", "4",
-                       "--out-dir", str(tmp_path)])
+    train.main(TINY + ["--nitp", "--device", device, "--n-expert", "4", "--top-k", "2", "--dtype", name,
+                       "--max-iters", "4", "--out-dir", str(tmp_path)])
     steps = [r for r in read_metrics(tmp_path) if not r.get("eval")]
     assert len(steps) == 4 and all(np.isfinite([r["lm"], r["nitp"], r["moe_aux"]]).all() for r in steps)
     # fp16's scaler starts at 2^16 and may skip the first steps while it finds its scale; bf16 has no scaler.
@@ -83,11 +96,12 @@ def poison_once_at_step_6(monkeypatch, poison) -> None:
     monkeypatch.setattr(train, "training_loss", poisoned)
 
 
-def test_under_fp16_inf_gradients_skip_the_step_and_the_run_goes_on(tmp_path, monkeypatch):
+def test_under_fp16_inf_gradients_skip_the_step_and_the_run_goes_on(device, tmp_path, monkeypatch):
     """With --dtype float16 the gradient scaler owns overflow: step 6's inf gradients make it skip that update
     and halve its scale, the run finishes, and metrics.jsonl marks the step as skipped. (The scaler may also
     skip a first step or two while it finds its scale: the same ones in a run without the poison.)"""
-    args = TINY + ["--nitp", "--dtype", "float16", "--max-iters", "8", "--eval-interval", "8"]
+    low_precision(device, "float16")
+    args = TINY + exact(device) + ["--nitp", "--dtype", "float16", "--max-iters", "8", "--eval-interval", "8"]
     train.main(args + ["--out-dir", str(tmp_path / "clean")])
     poison_once_at_step_6(monkeypatch, poison_the_gradients)
     train.main(args + ["--out-dir", str(tmp_path / "poisoned")])
@@ -99,10 +113,12 @@ def test_under_fp16_inf_gradients_skip_the_step_and_the_run_goes_on(tmp_path, mo
     assert scales[1] == scales[0] / 2
 
 
-def test_under_fp16_a_nan_loss_still_stops_the_run(tmp_path, monkeypatch, capsys):
+def test_under_fp16_a_nan_loss_still_stops_the_run(device, tmp_path, monkeypatch, capsys):
+    low_precision(device, "float16")
     poison_once_at_step_6(monkeypatch, poison_the_nitp_loss)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + ["--nitp", "--dtype", "float16", "--max-iters", "8", "--out-dir", str(tmp_path)])
+        train.main(TINY + ["--nitp", "--device", device, "--dtype", "float16", "--max-iters", "8",
+                           "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 3 and "step 6: the nitp loss is nan" in capsys.readouterr().err
 
 
@@ -117,10 +133,11 @@ def test_metrics_give_the_same_numbers_for_states_in_any_dtype_on_any_device():
             assert (effective_rank(rounded.to(device)), anisotropy(rounded.to(device))) == expected, (dtype, device)
 
 
-def test_a_training_step_waits_for_the_device_only_once(tmp_path, monkeypatch):
+def test_train_py_reads_one_value_per_step(tmp_path, monkeypatch):
     """On a GPU, reading a tensor's value waits for all queued work. train.py reads one value per step, in
     sync_step (the NaN/inf guard); the loss terms stay on the device until a log line needs them, and are
-    then read in one go (flush)."""
+    then read in one go (flush). This counts only the reads made in train.py, on the CPU; on CUDA the next
+    test counts every sync, the ones inside torch included."""
     reads = []
     for method in ("item", "tolist"):
         def reading(self, *args, real=getattr(torch.Tensor, method)):
@@ -139,12 +156,82 @@ def test_a_training_step_waits_for_the_device_only_once(tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(tmp_path) if not r.get("eval")] == list(range(1, 13))
 
 
-def test_sampling_never_picks_a_token_outside_the_top_k():
+def test_sampling_never_picks_a_token_outside_the_top_k(device):
     """generate samples on the CPU from the masked distribution: with top_k=1 it is greedy decoding."""
-    model = tiny_model()
+    model = tiny_model().to(device)
     torch.manual_seed(0)
-    sampled = model.generate(tokens(B=2, T=3), max_new_tokens=8, top_k=1)
-    greedy = tokens(B=2, T=3)
+    sampled = model.generate(tokens(B=2, T=3).to(device), max_new_tokens=8, top_k=1)
+    greedy = tokens(B=2, T=3).to(device)
     for _ in range(8):
         greedy = torch.cat([greedy, model(greedy).logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
     assert torch.equal(sampled, greedy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (set_sync_debug_mode is CUDA's)")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_on_cuda_a_dense_training_step_waits_for_the_gpu_once_in_sync_step(dtype, tmp_path):
+    """torch.cuda.set_sync_debug_mode reports every operation that makes the host wait for the GPU, inside torch
+    too. A dense NITP step (fused AdamW; under fp16 the scaler hands its inf flag to the fused kernel) may wait
+    once: sync_step's read of the NaN guard. Each report names the line of train.py that led to it."""
+    if dtype == "bfloat16" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("this GPU has no native bfloat16")
+    run = train.setup(flags.parse_args(TINY + ["--nitp", "--device", "cuda", "--dtype", dtype,
+                                               "--out-dir", str(tmp_path)]))
+    loss_fn, autocast = train.loss_module(run, run.model), devices.autocast_for(run.device, run.dtype)
+    train.train_step(run, loss_fn, autocast)  # the first step also creates the optimizer state
+    syncs = []
+
+    def record(message, *rest, **kw):
+        if "synchronizing" in str(message):
+            frames = [f for f in traceback.extract_stack() if f.filename == train.__file__]
+            syncs.append(f"{frames[-1].name}: {frames[-1].line}" if frames else "outside train.py")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                train.train_step(run, loss_fn, autocast)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert syncs == ["sync_step: bad, interrupted = (flags > 0).tolist()  # the sync"] * 3, syncs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (pinned memory is CUDA's)")
+def test_on_cuda_a_batch_travels_through_one_contiguous_pinned_copy(monkeypatch):
+    """A batch is a strided view of its windows: to_device stages it in one contiguous, page-locked buffer,
+    from which the copy to the GPU need not wait."""
+    x, _ = data.get_batch(np.arange(1000, dtype=np.uint16), 8, 16, torch.Generator().manual_seed(0))
+    assert not x.is_contiguous()
+    sources = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: sources.append(self) or real_to(self, *a, **kw))
+    moved = devices.to_device(x, torch.device("cuda"))
+    assert torch.equal(moved.cpu(), x)
+    assert sources[0].is_pinned() and sources[0].is_contiguous()
+
+
+def test_a_gpu_that_the_build_has_no_kernels_for_is_refused_with_the_build_to_install(monkeypatch):
+    """A V100 under a wheel built for 7.5 and newer: memory allocates, the first kernel fails. pick_device runs
+    a kernel, and turns that failure into one line naming the GPU, its capability and a build that has it."""
+    def no_kernel_image(device):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device\n"
+                           "CUDA kernel errors might be asynchronously reported at some other API call")
+
+    monkeypatch.setattr(devices, "run_a_kernel", no_kernel_image)
+    gpu_of_capability(monkeypatch, (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"])
+    with pytest.raises(ValueError) as error:
+        devices.pick_device("cuda")
+    message = str(error.value)
+    assert "\n" not in message and "V100" in message and "7.0" in message and "sm_75" in message
+    assert "whl/cu126" in message and "--device cpu" in message
+
+
+def test_the_device_check_runs_a_kernel(monkeypatch):
+    """pick_device does not stop at allocating memory: it runs a kernel and waits for it."""
+    ran = []
+    monkeypatch.setattr(devices, "run_a_kernel", lambda device: ran.append(device))
+    assert devices.pick_device("cpu") == CPU and ran == [CPU]

@@ -31,9 +31,10 @@ def test_embeddings_are_tied_and_residual_projections_scaled():
     assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
 
 
-def assert_overfits_one_batch(model, nitp, steps=300):
+def assert_overfits_one_batch(model, nitp, device="cpu", steps=300):
     """Train on one repeated batch: the LM loss must reach near zero and the NITP loss fall to a quarter."""
-    idx, targets = tokens(B=2, T=16), tokens(B=2, T=16, seed=1)
+    model, nitp = model.to(device), nitp.to(device)
+    idx, targets = tokens(B=2, T=16).to(device), tokens(B=2, T=16, seed=1).to(device)
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(nitp.parameters()), lr=1e-2, weight_decay=0)
     first = None
     for _ in range(steps):
@@ -46,16 +47,16 @@ def assert_overfits_one_batch(model, nitp, steps=300):
     assert parts["nitp"].item() < 0.25 * first["nitp"]
 
 
-def test_a_tiny_model_overfits_a_tiny_batch_with_nitp_on():
+def test_a_tiny_model_overfits_a_tiny_batch_with_nitp_on(device):
     """Both losses fall on one repeated batch: the LM loss to near zero, and the NITP loss well below its start."""
     model, nitp = tiny_model(n_layer=2), tiny_nitp(n_layer=2)
-    assert_overfits_one_batch(model, nitp)
+    assert_overfits_one_batch(model, nitp, device)
 
 
-def test_generate_extends_the_sequence_and_never_touches_the_nitp_head():
+def test_generate_extends_the_sequence_and_never_touches_the_nitp_head(device):
     """generate() uses the backbone alone: it works with no NITP module anywhere."""
-    model = tiny_model()
-    out = model.generate(tokens(B=2, T=3), max_new_tokens=20, top_k=5)  # longer than block_size
+    model = tiny_model().to(device)
+    out = model.generate(tokens(B=2, T=3).to(device), max_new_tokens=20, top_k=5)  # longer than block_size
     assert out.shape == (2, 23) and out.max() < 50
 
 
@@ -195,9 +196,9 @@ def test_moe_aux_loss_stays_out_of_the_lm_loss():
     assert total.item() == pytest.approx(sum(p.item() for p in parts.values()), rel=1e-6)
 
 
-def test_a_tiny_moe_model_with_nitp_overfits_a_tiny_batch():
+def test_a_tiny_moe_model_with_nitp_overfits_a_tiny_batch(device):
     """NITP works unchanged on an MoE model: both losses fall on one repeated batch."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, n_expert=4, top_k=2))
     nitp = tiny_nitp(n_layer=2)
-    assert_overfits_one_batch(model, nitp)
+    assert_overfits_one_batch(model, nitp, device)

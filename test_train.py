@@ -14,14 +14,14 @@ import checkpoint
 import data
 import flags
 import train
-from conftest import HERE, TINY, poison_the_gradients, poison_the_nitp_loss, read_metrics, tiny_model
+from conftest import HERE, TINY, exact, poison_the_gradients, poison_the_nitp_loss, read_metrics, same, tiny_model
 
 # ---------------------------------------------------------------------------------------------------- train.py
 
-def test_training_writes_metrics_and_a_weights_only_checkpoint(tmp_path, capsys):
+def test_training_writes_metrics_and_a_weights_only_checkpoint(device, tmp_path, capsys):
     """A short run logs every step and every eval, and its checkpoint loads with weights_only=True."""
     out = tmp_path / "run"
-    train.main(TINY + ["--nitp", "--max-iters", "6", "--eval-interval", "3", "--out-dir", str(out)])
+    train.main(TINY + ["--nitp", "--device", device, "--max-iters", "6", "--eval-interval", "3", "--out-dir", str(out)])
     records = read_metrics(out)
     assert [r["step"] for r in records if not r.get("eval")] == [1, 2, 3, 4, 5, 6]
     evals = [r for r in records if r.get("eval")]
@@ -34,11 +34,11 @@ def test_training_writes_metrics_and_a_weights_only_checkpoint(tmp_path, capsys)
     assert "ms/iter" in capsys.readouterr().out
 
 
-def test_moe_training_logs_the_aux_loss_and_expert_shares(tmp_path, capsys):
+def test_moe_training_logs_the_aux_loss_and_expert_shares(device, tmp_path, capsys):
     """With --n-expert, every step logs the MoE aux loss apart, and every eval logs each expert's share."""
     out = tmp_path / "moe"
-    train.main(TINY + ["--nitp", "--n-expert", "4", "--top-k", "2", "--max-iters", "2", "--eval-interval", "2",
-                       "--out-dir", str(out)])
+    train.main(TINY + ["--nitp", "--device", device, "--n-expert", "4", "--top-k", "2", "--max-iters", "2",
+                       "--eval-interval", "2", "--out-dir", str(out)])
     records = read_metrics(out)
     assert all({"lm", "nitp", "moe_aux"} <= set(r) for r in records if not r.get("eval"))
     evals = [r for r in records if r.get("eval")]
@@ -49,11 +49,13 @@ def test_moe_training_logs_the_aux_loss_and_expert_shares(tmp_path, capsys):
 
 @pytest.mark.parametrize("model_flags", [[], ["--n-expert", "4", "--top-k", "2"], ["--dtype", "float16"]],
                          ids=["dense", "moe", "fp16-with-scaler"])
-def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(model_flags, tmp_path, monkeypatch, capsys):
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(model_flags, device, tmp_path, monkeypatch, capsys):
     """Ctrl-C saves a checkpoint; --resume continues with the same per-step losses and the same final
     weights, bit for bit, as a run that was never interrupted (NITP on; dense, MoE, and fp16 autocast, whose
-    gradient scaler's state travels in the checkpoint)."""
-    args = TINY + model_flags + ["--nitp", "--max-iters", "10", "--eval-interval", "4"]
+    gradient scaler's state travels in the checkpoint). On CUDA with --deterministic; on MPS to 1e-5."""
+    if device == "mps" and "float16" in model_flags:
+        pytest.skip("MPS trains in float32 only")
+    args = TINY + model_flags + exact(device) + ["--nitp", "--max-iters", "10", "--eval-interval", "4"]
     train.main(args + ["--out-dir", str(tmp_path / "a")])
 
     real_get_batch, calls = train.get_batch, []
@@ -73,11 +75,11 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(model_flags, t
     train.main(["--resume", "--out-dir", str(tmp_path / "b")])
 
     losses = [[r["loss"] for r in read_metrics(tmp_path / run) if not r.get("eval")] for run in "ab"]
-    assert len(losses[0]) == 10 and losses[0] == losses[1]
+    assert len(losses[0]) == 10 and same(losses[0], losses[1], device)
     scalers = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["scaler"] for run in "ab"]
     assert scalers[0] == scalers[1] and (scalers[0] != {}) == ("float16" in model_flags)
     weights = [torch.load(tmp_path / run / "ckpt.pt", weights_only=True)["model"] for run in "ab"]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert all(same(weights[0][k], weights[1][k], device) for k in weights[0])
 
 
 def train_py(*argv: str, launcher: tuple[str, ...] = (), **popen_kw) -> subprocess.Popen:
@@ -86,11 +88,11 @@ def train_py(*argv: str, launcher: tuple[str, ...] = (), **popen_kw) -> subproce
     return subprocess.Popen([sys.executable, *launcher, "train.py", *argv], cwd=HERE, env=env, **popen_kw)
 
 
-def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(device, tmp_path):
     """SIGKILL in the middle of writing a checkpoint leaves the previous ckpt.pt whole: it loads, and --resume
     finishes the run."""
     out = tmp_path / "run"
-    run = train_py(*TINY, "--max-iters", "1000", "--eval-interval", "1", "--out-dir", str(out),
+    run = train_py(*TINY, "--device", device, "--max-iters", "1000", "--eval-interval", "1", "--out-dir", str(out),
                    stdout=subprocess.DEVNULL)
     ckpt, partial = out / "ckpt.pt", out / f"ckpt.pt.tmp{run.pid}"  # checkpoint.atomic_write's temporary file
     try:  # freeze the run while it writes a checkpoint after the first one: then kill it
@@ -113,11 +115,19 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(t
     assert torch.load(ckpt, weights_only=True)["step"] == step + 2
 
 
-def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_path):
-    """torchrun with 2 CPU processes (gloo) of 4 sequences each logs the losses, within 1e-5 (float32 rounding),
-    of one process of 8 sequences: the ranks split the same batches and average the gradients of the backbone
-    and of the NITP head. With --grad-accum 2, and --nitp-start 2: the head has no gradient in the first steps."""
-    args = [*TINY, "--nitp", "--nitp-start", "2", "--grad-accum", "2", "--max-iters", "4", "--eval-interval", "4"]
+@pytest.mark.parametrize("model_flags", [["--nitp-start", "2"], ["--n-expert", "4", "--top-k", "2", "--aux-loss-coef", "0"]],
+                         ids=["head-idle-at-first", "moe"])
+def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(model_flags, device, tmp_path):
+    """torchrun with 2 processes (gloo on the CPU, nccl on 2 GPUs) of 4 sequences each logs the losses, within
+    1e-5 (float32 rounding), of one process of 8 sequences: the ranks split the same batches and average the
+    gradients of the backbone and of the NITP head, with --grad-accum 2. With --nitp-start 2 the head has no
+    gradient in the first steps (DDP must search for unused parameters); with MoE, every expert gets one, even
+    with no token (DDP need not search: if it had to, it would stop with an error). The balancing loss is off
+    there: a product of batch statistics, which a mean over the ranks does not reproduce."""
+    if device == "mps" or (device == "cuda" and torch.cuda.device_count() < 2):
+        pytest.skip("DDP here needs the CPU or 2 CUDA GPUs")
+    args = [*TINY, *model_flags, "--device", device, "--nitp", "--grad-accum", "2", "--max-iters", "4",
+            "--eval-interval", "4"]
     with open(tmp_path / "torchrun.log", "w") as log:
         ddp = train_py(*args, "--out-dir", str(tmp_path / "ddp"), stdout=log, stderr=log,
                        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
@@ -134,8 +144,8 @@ def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_pat
 
 @pytest.mark.parametrize("poison,message", [(poison_the_nitp_loss, "step 6: the nitp loss is nan"),
                                             (poison_the_gradients, "step 6: the gradient norm is")])
-def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_checkpoint(poison, message, tmp_path, monkeypatch,
-                                                                               capsys):
+def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_checkpoint(poison, message, device, tmp_path,
+                                                                               monkeypatch, capsys):
     """From step 6 on, a loss term is NaN or the gradients are infinite: the run exits with status 3 and one line
     naming the step and what went bad, and ckpt.pt (step 4) is left exactly as it was."""
     out = tmp_path / "run"
@@ -150,7 +160,7 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_checkpoint(po
 
     monkeypatch.setattr(train, "training_loss", poisoned_from_step_6)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY + ["--nitp", "--max-iters", "10", "--eval-interval", "4", "--out-dir", str(out)])
+        train.main(TINY + ["--nitp", "--device", device, "--max-iters", "10", "--eval-interval", "4", "--out-dir", str(out)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 3
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
@@ -280,3 +290,55 @@ def test_the_command_line_reports_errors_without_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "not found" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_optimizer_takes_this_devices_kernel_choice(device, tmp_path, monkeypatch):
+    """A checkpoint written on the CPU, where AdamW loops over the parameters, resumes where AdamW runs fused
+    (CUDA, MPS): the resumed optimizer stays fused, and under fp16 the gradient scaler, which hands its scale to
+    a fused optimizer, takes real steps. On the CPU the fused choice is injected (fused AdamW runs there too)."""
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--nitp", "--dtype", "float16", "--max-iters", "4", "--eval-interval", "2", "--out-dir", out])
+    assert not torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"][0]["fused"]
+    if device == "cpu":
+        monkeypatch.setattr(train, "optimizer_kernels", lambda device: {"fused": True})
+    resumed = []
+    real_restore = checkpoint.restore
+    monkeypatch.setattr(checkpoint, "restore", lambda run, ckpt: (real_restore(run, ckpt), resumed.append(run)))
+    before = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    dtype = "float32" if device == "mps" else "float16"  # MPS trains in float32 only
+    train.main(["--resume", "--device", device, "--dtype", dtype, "--max-iters", "10", "--out-dir", out])
+    assert all(group["fused"] for group in resumed[0].optimizer.param_groups)
+    steps = [r for r in read_metrics(out) if not r.get("eval") and r["step"] > 4]
+    assert len(steps) == 6 and not all(r.get("skipped") for r in steps)
+    after = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    assert not torch.equal(before["wte.weight"], after["wte.weight"])
+
+
+def test_grad_clip_zero_measures_the_norm_and_leaves_the_gradients_alone():
+    """--grad-clip 0 only measures the gradient norm; any other value clips the norm to it."""
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    params[0].grad, params[1].grad = torch.tensor([3.0, 0.0, 0.0]), torch.full((2, 2), 2.0)  # norm sqrt(9 + 16) = 5
+    versions = [p.grad._version for p in params]  # bumped by any in-place op, a multiplication by 1.0 included
+    assert train.clip_gradients(params, 0).item() == pytest.approx(5.0)
+    assert [p.grad._version for p in params] == versions
+    assert train.clip_gradients(params, 1.0).item() == pytest.approx(5.0)
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_moe_under_compile_runs_its_dispatch_eagerly_and_stops_recompiling(device, tmp_path, monkeypatch):
+    """The MoE dispatch splits the tokens by counts that change every step. Compiled, it recompiled for new
+    counts until dynamo's limit; left eager, the compiled graphs are all made in the first steps (training and
+    evaluation) and none is added later, whatever the routing does."""
+    if device == "mps":
+        pytest.skip("--compile is refused on MPS")
+    graphs_at_eval, real_evaluate = [], train.evaluate
+
+    def counting(*args):
+        graphs_at_eval.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(train, "evaluate", counting)
+    torch._dynamo.reset()
+    train.main(TINY + ["--nitp", "--device", device, "--n-expert", "4", "--top-k", "2", "--compile",
+                       "--max-iters", "12", "--eval-interval", "3", "--out-dir", str(tmp_path)])
+    assert graphs_at_eval[1] > 0 and len(set(graphs_at_eval[1:])) == 1, graphs_at_eval  # steps 3 to 12

@@ -30,10 +30,20 @@ import checkpoint
 import compare
 import probe
 from data import Dataset, get_batch, get_tokenizer, labelled_sections, load_dataset
-from devices import autocast_for, check_compile, grad_scaler, pick_device, pick_dtype, to_device, torchrun_rank
+from devices import (
+    autocast_for,
+    check_compile,
+    grad_scaler,
+    optimizer_kernels,
+    pick_device,
+    pick_dtype,
+    to_device,
+    torchrun_rank,
+    use_deterministic_algorithms,
+)
 from evaluate import evaluate, model_size, print_evaluation, validation_batches
 from flags import check_out_dir, fail, parse_args, say
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, MoE
 from nitp import NITP, NITPConfig, target_layer, training_loss
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,6 +85,8 @@ class Run:
 def check(args: argparse.Namespace, ckpt: dict | None = None) -> Settings:
     """Everything about the run that can fail on bad user input, checked before anything is written (but the
     out dir: main checks that). Raises ValueError."""
+    if args.deterministic:
+        use_deterministic_algorithms()  # before the first kernel
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if args.compile:
@@ -120,12 +132,22 @@ def setup(args: argparse.Namespace, ckpt: dict | None = None) -> Run:
     return run
 
 
+def compiled(model: GPT) -> torch.nn.Module:
+    """torch.compile(model), with each MoE layer left eager. Its dispatch splits the tokens by counts read from
+    the device, which change every step: compiled, new counts kept recompiling it (TORCH_LOGS=recompiles), and
+    past dynamo's limit of 8 recompiles that code would have run eager anyway, silently."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.forward = torch.compiler.disable(module.forward)
+    return torch.compile(model)
+
+
 def make_optimizer(modules: list[torch.nn.Module], args, device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices (2+ dims) only, never on norms and biases."""
     params = {id(p): p for m in modules for p in m.parameters()}.values()  # the tied weight once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), **optimizer_kernels(device))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,11 +208,12 @@ def loss_module(run: Run, model: torch.nn.Module) -> torch.nn.Module:
     wrapped in DDP under torchrun."""
     loss_fn = TrainingLoss(model, run.nitp)
     if run.world_size > 1:
-        # Some steps leave parameters without a gradient (the NITP head before --nitp-start, MoE experts that
-        # got no token): DDP must look for them in every step, or it stops with an error.
-        unused = (run.nitp is not None and run.nitp.config.start > 0) or run.model.config.n_expert > 1
+        # Before --nitp-start the head gets no gradient, and DDP must then look for unused parameters in every
+        # step (a graph traversal), or it stops with an error. MoE experts need no search: an expert that got
+        # no token still runs, on an empty chunk, and gets a zero gradient.
+        head_idle = run.nitp is not None and run.nitp.config.start > 0
         loss_fn = DDP(loss_fn, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                      find_unused_parameters=unused)
+                      find_unused_parameters=head_idle)
     return loss_fn
 
 
@@ -217,6 +240,14 @@ def first_non_finite(values: dict[str, float]) -> str | None:
     checks += [("the total loss", values["loss"])]
     checks += [("the gradient norm", values["grad_norm"])] if "grad_norm" in values else []
     return next((f"{what} is {value}" for what, value in checks if not math.isfinite(value)), None)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The total norm of the gradients, which are then clipped to max_norm; with max_norm 0 only measured."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    # not clip_grad_norm_(params, inf): it would still multiply every gradient by 1.0
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
 
 
 class StopOnSigint:
@@ -255,7 +286,7 @@ def train_step(run: Run, loss_fn: torch.nn.Module, autocast, sigint: StopOnSigin
         for name, value in [("loss", loss), *parts.items()]:
             sums[name] = sums.get(name, 0.0) + value.detach().float() / args.grad_accum
     scaler.unscale_(optimizer)  # the true gradients, to clip and to guard (nothing to undo unless fp16)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip or math.inf)  # inf: measure only
+    grad_norm = clip_gradients(run.params, args.grad_clip)
     terms = torch.stack(list(sums.values()))  # (n_terms,)
     # Under fp16, inf gradients are the scaler's to handle (it skips the step and lowers the scale); in bf16
     # and fp32 they are a divergence, like a non-finite loss.
@@ -361,7 +392,7 @@ def train(run: Run, on_eval=None, sample: bool = True) -> list[dict]:
         checkpoint.start_metrics(out_dir / "metrics.jsonl", run.step)
     log = MetricsLog(out_dir / "metrics.jsonl", write=master)
     autocast = autocast_for(run.device, run.dtype)
-    model = torch.compile(run.model) if args.compile else run.model  # what the steps and evaluations call
+    model = compiled(run.model) if args.compile else run.model  # what the steps and evaluations call
     loss_fn = loss_module(run, model)
     val_batches = validation_batches(run.dataset.val, args.batch_size, args.block_size, args.eval_iters, run.device)
 
