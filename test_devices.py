@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import data
+import device_check
 import devices
 import flags
 import train
@@ -235,3 +236,20 @@ def test_the_device_check_runs_a_kernel(monkeypatch):
     ran = []
     monkeypatch.setattr(devices, "run_a_kernel", lambda device: ran.append(device))
     assert devices.pick_device("cpu") == CPU and ran == [CPU]
+
+
+def test_the_device_check_plans_what_each_device_can_run(monkeypatch, tmp_path):
+    """device_check.py: the suite, bench.py in each precision the device trains in, --compare, --compile (not
+    on MPS) and torchrun over nccl (only with 2+ GPUs)."""
+    def planned(kind, capability=(9, 0), gpus=1):
+        gpu_of_capability(monkeypatch, capability)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+        return [what for what, *_ in device_check.checks(torch.device(kind), tmp_path)]
+
+    assert planned("cuda", gpus=2) == [
+        "the test suite", "bench.py, float32", "bench.py, bfloat16", "bench.py, float16",
+        "300 steps of --compare --seeds 1", "--compile, NITP", "--compile, NITP on MoE",
+        "DDP, torchrun over nccl, 2 GPUs"]
+    assert "bench.py, bfloat16" not in planned("cuda", capability=(7, 5))  # a T4: no native bf16
+    assert not any("DDP" in what for what in planned("cuda"))
+    assert planned("mps") == ["the test suite", "bench.py, float32", "300 steps of --compare --seeds 1"]
