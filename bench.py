@@ -12,9 +12,7 @@ timed in interleaved rounds, so that a noisy, shared machine slows them alike; t
 round. The matmul peak (a square GEMM in the training dtype) is measured in every round too (it moves with the
 machine's load and clock), and the fraction of peak uses its median; the range is printed beside it.
 
-FLOPs per token are counted analytically (as in the PaLM paper): 6 FLOPs per weight a token passes through
-(2 forward, 4 backward), counting k of the E routed experts and the tied LM head but not the embedding
-lookups, plus attention, 12 · n_layer · block_size · d. The NITP head adds 6 · 12d².
+FLOPs per token are counted analytically, as in the PaLM paper (evaluate.flops_per_token).
 """
 import argparse
 import statistics
@@ -26,9 +24,7 @@ import torch
 import flags
 import train
 from devices import autocast_for
-from evaluate import model_size
-from model import GPT
-from nitp import NITP
+from evaluate import flops_per_token, model_size
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, min_seconds: float = 0.05) -> float:
@@ -58,17 +54,10 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def flops_per_token(model: GPT, nitp: NITP | None) -> float:
-    c = model.config
-    weights = model.num_params(active=True) - model.wpe.weight.numel()  # every weight a token passes through
-    head = sum(p.numel() for p in nitp.parameters()) if nitp else 0
-    return 6 * (weights + head) + 12 * c.n_layer * c.block_size * c.n_embd
-
-
 # Flags bench.py refuses: they set a run's length, evaluation and output, or the MoE shape that its own variants
 # set. Every other flag of train.py reaches the timed runs, as it would reach a training run.
 REFUSED = ("n_expert", "top_k", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "log_interval",
-           "out_dir", "resume", "compare", "seeds", "probe")
+           "out_dir", "resume", "compare", "equal_compute", "ablations", "seeds", "probe")
 VARIANTS = {  # name: (n_expert, top_k, NITP on)
     "NTP (dense)": (1, 1, False), "NITP (dense)": (1, 1, True),
     "NTP, MoE E=8 k=1": (8, 1, False), "NTP, MoE E=8 k=2": (8, 2, False), "NTP, MoE E=16 k=2": (16, 2, False),

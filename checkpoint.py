@@ -21,7 +21,7 @@ REQUIRED = {"step", "model", "nitp", "optimizer", "args", "rng"}  # what restore
 # Flags that a resumed run may change: how long, where or how fast it trains, not what it trains.
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile", "deterministic"}
 # Flags that say what to do now, not how the run was trained: never taken from a checkpoint.
-NOT_SAVED = {"resume", "probe", "compare", "seeds", "out_dir"}
+NOT_SAVED = {"resume", "probe", "compare", "equal_compute", "ablations", "seeds", "out_dir"}
 
 
 def atomic_write(path: Path, write) -> None:

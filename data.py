@@ -4,6 +4,14 @@ A corpus is plain text. It is tokenized once with a tiktoken encoding, cached on
 of token ids, and split deterministically: the first 90% of the tokens train, the last 10% validate.
 Batches are windows of block_size+1 tokens drawn at random offsets.
 
+Document boundaries. A batch window starts at any offset, so it may span the end of one document (a topic of
+the Python reference, a scene of tiny-shakespeare) and the start of the next, and so may a NITP pair (t, t+1).
+Packed-sequence trainers mask such pairs; we do not, because these corpora do not mark where a document ends in
+the token stream (a topic ends with a blank line, and so do many of its paragraphs), and NTP's own targets and
+the attention cross the same boundaries unmasked. It is rare: the Python reference has 79 topics in 465k bytes,
+so about one pair in 5,900 crosses one. Where a corpus does mark documents, NITP.forward takes a pair mask
+(nitp.py shows how to build it from document ids or an attention mask; hf_example.py does so from padding).
+
 Three corpora:
   "python-docs"  (default) the Python language reference that ships inside every Python install
                  (pydoc_data.topics, about 465k characters): embedded, so it works offline.

@@ -5,6 +5,7 @@ NTP and NITP runs of compare.py are measured on exactly the same tokens.
 """
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data import get_batch
 from devices import to_device
@@ -51,6 +52,38 @@ def evaluate(model: GPT, nitp: NITP | None, val_batches, autocast) -> dict:
             "val_nitp": torch.stack(nitp_losses).mean().item() if nitp is not None else None, **metrics}
 
 
+def nitp_diagnostics(model: GPT, nitp: NITP, x: torch.Tensor, y: torch.Tensor, autocast) -> dict:
+    """Is NITP alive, or inert, or collapsing? Measured on one fixed validation batch at evaluation time only,
+    so that a training step pays nothing for it:
+      nitp_cos                  mean cos(P(h_t), z_{t+1}): near 0 if the head predicts nothing
+      pred_norm, target_norm    mean L2 norms of P(h_t) and of z_{t+1}: a collapse shows as a norm going to 0
+      grad_lm, grad_nitp        norms of the backbone's gradients of L_NTP and of λ·L_NITP
+      grad_nitp_share           grad_nitp / (grad_lm + grad_nitp): NITP's share of what moves the backbone
+      grad_cos                  cosine between those two gradients: do the losses pull the same way?
+    The gradients come from torch.autograd.grad: the .grad that the optimizer reads is not touched."""
+    was_training = model.training
+    model.eval()
+    backbone = list(model.parameters())
+    s = nitp.config.shift
+    with torch.enable_grad(), autocast:
+        out = model(x, y)
+        h, z = out.hidden, out.block_outputs[nitp.layer]            # (B, T, d) each
+        pred = nitp.head(h[:, :h.size(1) - s]).float()              # (B, T-s, d) P(h_t)
+        target = z[:, s:].float()                                   # (B, T-s, d) z_{t+s}
+        weighted_nitp = nitp.config.lam * nitp(h, z)
+    grads = [torch.autograd.grad(loss, backbone, retain_graph=True, allow_unused=True)
+             for loss in (out.loss, weighted_nitp)]
+    model.train(was_training)
+    g_lm, g_nitp = (torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                               for g, p in zip(gs, backbone)]) for gs in grads)  # (n_params,) each
+    norm_lm, norm_nitp = g_lm.norm().item(), g_nitp.norm().item()
+    return {"nitp_cos": F.cosine_similarity(pred, target, dim=-1).mean().item(),
+            "pred_norm": pred.norm(dim=-1).mean().item(), "target_norm": target.norm(dim=-1).mean().item(),
+            "grad_lm": norm_lm, "grad_nitp": norm_nitp,
+            "grad_nitp_share": norm_nitp / (norm_lm + norm_nitp) if norm_lm + norm_nitp > 0 else 0.0,
+            "grad_cos": F.cosine_similarity(g_lm, g_nitp, dim=0).item()}
+
+
 def print_evaluation(record: dict) -> None:
     val_nitp = f"{record['val_nitp']:.4f}" if record["val_nitp"] is not None else "-"
     print(f"eval step {record['step']:5d} | val lm {record['val_lm']:.4f} | val nitp {val_nitp} | "
@@ -59,6 +92,20 @@ def print_evaluation(record: dict) -> None:
         print(f"  MoE layer {layer + 1}: expert shares " + " ".join(f"{100 * s:.0f}%" for s in share))
     if "max_load" in record:
         print(f"  routing balance: busiest expert gets {record['max_load']:.2f}x its fair share (1.00 = even)")
+    if "nitp_cos" in record:
+        print(f"  NITP: cos(P(h), z) {record['nitp_cos']:.3f} | |P(h)| {record['pred_norm']:.2f} | "
+              f"|z| {record['target_norm']:.2f} | share of the backbone gradient {record['grad_nitp_share']:.1%} "
+              f"(cos to the LM's {record['grad_cos']:+.2f})")
+
+
+def flops_per_token(model: GPT, nitp: NITP | None) -> float:
+    """Training FLOPs per token, counted as in the PaLM paper: 6 per weight a token passes through (2 forward,
+    4 backward), counting k of the E routed experts and the tied LM head but not the embedding lookups, plus
+    attention, 12 · n_layer · block_size · d. The NITP head adds 6 · (its weights), 6 · 12d² for SwiGLU."""
+    c = model.config
+    weights = model.num_params(active=True) - model.wpe.weight.numel()
+    head = sum(p.numel() for p in nitp.parameters()) if nitp else 0
+    return 6 * (weights + head) + 12 * c.n_layer * c.block_size * c.n_embd
 
 
 def model_size(model: GPT) -> str:

@@ -86,10 +86,14 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=20, help="print a progress line every this many steps")
     g.add_argument("--out-dir", default="out", help="where metrics.jsonl and ckpt.pt go")
     g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir")
-    g = p.add_argument_group("the NTP vs NITP experiment (compare.py)")
+    g = p.add_argument_group("the NTP vs NITP experiment (compare.py, ablations.py)")
     g.add_argument("--compare", action="store_true",
                    help="train NTP and NITP from the same weights on the same batches, and compare them")
-    g.add_argument("--seeds", type=int, default=3, help="with --compare: this many seeds, from --seed")
+    g.add_argument("--equal-compute", action="store_true",
+                   help="with --compare: also train NTP for NITP's training FLOPs (more steps, the schedule stretched)")
+    g.add_argument("--ablations", action="store_true",
+                   help="the paper's ablation table: NTP, NITP and each ablation switch, over --seeds seeds")
+    g.add_argument("--seeds", type=int, default=3, help="with --compare or --ablations: this many seeds, from --seed")
     g.add_argument("--probe", action="store_true",
                    help="no training: score the frozen model in --out-dir on the probe.py tasks, with baselines")
     g = p.add_argument_group("system")
@@ -113,10 +117,15 @@ def parse_args(argv: list[str] | None = None, saved: dict | None = None,
     if saved is not None:
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in checkpoint.NOT_SAVED})
     args = parser.parse_args(argv)
-    if (args.compare or args.probe) and "RANK" in os.environ:
-        parser.error("--compare and --probe run in one process: start them with python, not torchrun")
-    if args.compare and (args.resume or args.probe):
-        parser.error("--compare starts fresh runs (and probes them itself); drop --resume / --probe")
+    experiment = args.compare or args.ablations
+    if (experiment or args.probe) and "RANK" in os.environ:
+        parser.error("--compare, --ablations and --probe run in one process: start them with python, not torchrun")
+    if experiment and (args.resume or args.probe):
+        parser.error("--compare and --ablations start fresh runs (and probe them themselves); drop --resume / --probe")
+    if args.compare and args.ablations:
+        parser.error("--ablations runs NTP and NITP too: drop --compare")
+    if args.equal_compute and not args.compare:
+        parser.error("--equal-compute adds a run to --compare: add --compare")
     if args.warmup_iters is None:
         args.warmup_iters = args.max_iters // 10
     if args.eval_interval is None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bench
+import evaluate
 import flags
 import train
 from conftest import TINY, tiny_model, tiny_nitp
@@ -24,7 +25,7 @@ def test_the_speed_report_refuses_the_flags_it_would_ignore(capsys):
     for name in bench.REFUSED:
         flag = "--" + name.replace("_", "-")
         with pytest.raises(SystemExit) as exit_info:
-            bench.main([*SHAPE, f"{flag}=1" if name not in ("resume", "compare", "probe") else flag])
+            bench.main([*SHAPE, f"{flag}=1" if name not in ("resume", "compare", "probe", "equal_compute", "ablations") else flag])
         assert exit_info.value.code == 2 and flag in capsys.readouterr().err, flag
 
 
@@ -57,11 +58,11 @@ def test_flops_per_token_add_the_head_and_count_only_the_k_experts_a_token_uses(
     """bench.py: the NITP head adds 6 · 12d² per token; top-2 of 8 experts costs one more expert per MoE layer
     (4 layers, the first dense: 3 MoE layers) than top-1, whatever E is."""
     d, dense = 16, tiny_model()
-    assert bench.flops_per_token(dense, tiny_nitp(d=d)) - bench.flops_per_token(dense, None) == 6 * 12 * d * d
+    assert evaluate.flops_per_token(dense, tiny_nitp(d=d)) - evaluate.flops_per_token(dense, None) == 6 * 12 * d * d
     k1, k2 = tiny_model(n_expert=8, top_k=1), tiny_model(n_expert=8, top_k=2)
     expert = sum(p.numel() for p in k1.blocks[-1].mlp.experts[0].parameters())
-    assert bench.flops_per_token(k2, None) - bench.flops_per_token(k1, None) == 6 * 3 * expert
-    assert bench.flops_per_token(dense, None) == 6 * (dense.num_params() - 16 * 16) + 12 * 4 * 16 * 16
+    assert evaluate.flops_per_token(k2, None) - evaluate.flops_per_token(k1, None) == 6 * 3 * expert
+    assert evaluate.flops_per_token(dense, None) == 6 * (dense.num_params() - 16 * 16) + 12 * 4 * 16 * 16
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

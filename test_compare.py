@@ -6,11 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ablations
 import compare
 import evaluate
+import flags
 import probe
 import train
 from conftest import TINY, read_metrics, tiny_model
+from model import GPT
+from nitp import NITP, NITPConfig
 
 # ---------------------------------------------------------------------------------------------------- compare.py
 
@@ -55,7 +59,7 @@ def test_compare_with_seeds_writes_its_summary(device, tmp_path, capsys):
     assert {"val_lm", "erank", "anisotropy", "ms_per_iter"} <= set(result["summary"])
     erank = result["summary"]["erank"]
     assert erank["delta_std"] is not None and isinstance(erank["larger_than_spread"], bool)
-    assert erank["delta_mean"] == pytest.approx(np.mean(np.array(erank["nitp"]) - np.array(erank["ntp"])))
+    assert erank["delta_mean"] == pytest.approx(np.mean(np.array(erank["arm"]) - np.array(erank["baseline"])))
     printed = capsys.readouterr().out
     assert "summary" in printed and "eff. rank: NITP higher in" in printed and "time:" in printed
     assert set(result["seconds"]) >= {"training steps", "evaluations", "probes"}
@@ -190,3 +194,59 @@ def test_compare_with_compile_compiles_each_run_itself(tmp_path):
     for run in ("seed1337-ntp", "seed1337-nitp"):
         first, second = (r["ms"] for r in read_metrics(tmp_path / run) if not r.get("eval"))
         assert first > 10 * second, run  # the first training step compiled
+
+
+def test_paired_statistics_give_the_textbook_answers():
+    """Two-sided p of the paired t test at the 5% critical values of Student's t (df 1, 2, 4, 9), and of the
+    exact sign test."""
+    for t, df in ((12.706, 1), (4.303, 2), (2.776, 4), (2.262, 9)):
+        n = df + 1
+        deltas = [1.0 + (-1) ** i * 0.5 for i in range(n)]  # any sample: rescale it to the wanted t
+        mean, std = np.mean(deltas), np.std(deltas, ddof=1)
+        deltas = [d - mean + t * std / np.sqrt(n) for d in deltas]
+        assert compare.t_test_p(deltas) == pytest.approx(0.05, abs=2e-4), df
+    assert compare.t_test_p([0.1]) is None and compare.t_test_p([0.1, 0.1]) == 0.0
+    assert compare.sign_test_p([1, 2, 3]) == 0.25 and compare.sign_test_p([1] * 5) == 0.0625
+    assert compare.sign_test_p([1, 1, 1, 1, -1]) == 0.375 and compare.sign_test_p([1, -1]) == 1.0
+
+
+def test_equal_compute_trains_ntp_for_nitps_flops_on_the_same_batches(tmp_path, capsys):
+    """--equal-compute adds NTP trained for max_iters × (1 + NITP's analytic FLOP overhead) steps, its warm-up
+    and evaluation interval stretched alike, from the same weights and on the same batches as the NTP run (its
+    first max_iters batches are theirs). The summary and the plain words say both: at equal steps, at equal
+    compute."""
+    train.main(TINY + ["--compare", "--equal-compute", "--seeds", "1", "--max-iters", "20", "--eval-interval", "8",
+                       "--out-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "compare.json").read_text())
+    overhead = result["nitp_flop_overhead"]
+    args = flags.parse_args(TINY)
+    with torch.device("meta"):
+        model = GPT(train.model_config(args, 256))
+        head = NITP(NITPConfig(), args.n_layer, args.n_embd)
+    assert overhead == pytest.approx(evaluate.flops_per_token(model, head) / evaluate.flops_per_token(model, None) - 1)
+    matched = read_metrics(tmp_path / "seed1337-ntp-equal-compute")
+    steps = [r for r in matched if not r.get("eval")]
+    stretch = 1 + overhead
+    assert steps[-1]["step"] == round(20 * stretch) > 20
+    assert [r["step"] for r in matched if r.get("eval")][:2] == [0, round(8 * stretch)]
+    saved = torch.load(tmp_path / "seed1337-ntp-equal-compute" / "ckpt.pt", weights_only=True)["args"]
+    assert saved["warmup_iters"] == round(2 * stretch) and not saved["nitp"]
+    ntp = [r for r in read_metrics(tmp_path / "seed1337-ntp") if not r.get("eval")]
+    assert [r["loss"] for r in steps[:1]] == [r["loss"] for r in ntp[:1]]  # same weights, same first batch
+    printed = capsys.readouterr().out
+    assert "at equal steps: eff. rank" in printed and "at equal compute: eff. rank" in printed
+    assert "checked against the clock" in printed and result["summary_equal_compute"]["erank"]["t_test_p"] is None
+
+
+def test_the_ablation_table_runs_every_switch_beside_the_papers_numbers(tmp_path, capsys):
+    """--ablations trains NTP, NITP and one run per ablation switch for each seed, and prints and saves the
+    table of deltas against NTP with the paper's score beside each row."""
+    train.main(TINY + ["--ablations", "--seeds", "2", "--max-iters", "2", "--out-dir", str(tmp_path)])
+    table = json.loads((tmp_path / "ablations.json").read_text())["table"]
+    assert list(table) == ["NITP", *ablations.ABLATIONS]
+    assert all(len(row["erank"]["delta"]) == 2 and row["erank"]["t_test_p"] is not None for row in table.values())
+    printed = capsys.readouterr().out
+    assert "ablations: final evaluation" in printed and "18.23" in printed and "23.58" in printed
+    args = json.loads((tmp_path / "seed1337-start-half-way" / "metrics.jsonl").read_text().splitlines()[1])
+    assert args["step"] == 1 and "nitp" not in args  # NITP switched on at step 1 of 2, not before
+    assert torch.load(tmp_path / "seed1338-no-head" / "ckpt.pt", weights_only=True)["args"]["nitp_head"] == "none"

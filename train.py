@@ -41,7 +41,7 @@ from devices import (
     torchrun_rank,
     use_deterministic_algorithms,
 )
-from evaluate import evaluate, model_size, print_evaluation, validation_batches
+from evaluate import evaluate, model_size, nitp_diagnostics, print_evaluation, validation_batches
 from flags import check_out_dir, fail, parse_args, say
 from model import GPT, GPTConfig, MoE
 from nitp import NITP, NITPConfig, target_layer, training_loss
@@ -95,18 +95,27 @@ def check(args: argparse.Namespace, ckpt: dict | None = None) -> Settings:
     if ckpt is not None:
         checkpoint.check_world_size(ckpt, world_size, args.out_dir)
     tokenizer = get_tokenizer(args.tokenizer)
-    model = GPTConfig(vocab_size=tokenizer.n_vocab, block_size=args.block_size, n_layer=args.n_layer,
-                      n_head=args.n_head, n_embd=args.n_embd, n_expert=args.n_expert, top_k=args.top_k,
-                      n_shared=args.n_shared, n_dense_layers=args.n_dense_layers,
-                      aux_loss_coef=args.aux_loss_coef, z_loss_coef=args.z_loss_coef)
-    nitp = None
-    if args.nitp:
-        nitp = NITPConfig(lam=args.nitp_lambda, layer=args.nitp_layer, shift=args.nitp_shift,
-                          stopgrad=not args.nitp_no_stopgrad, head=args.nitp_head, loss=args.nitp_loss,
-                          start=args.nitp_start)
-        target_layer(nitp, args.n_layer)  # in range for this depth
+    model, nitp = model_config(args, tokenizer.n_vocab), nitp_config(args)
     dataset = load_dataset(args.data, tokenizer, args.block_size)  # the first thing written: the token cache
     return Settings(device, dtype, rank, world_size, dataset, model, nitp)
+
+
+def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
+    return GPTConfig(vocab_size=vocab_size, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                     n_embd=args.n_embd, n_expert=args.n_expert, top_k=args.top_k, n_shared=args.n_shared,
+                     n_dense_layers=args.n_dense_layers, aux_loss_coef=args.aux_loss_coef,
+                     z_loss_coef=args.z_loss_coef)
+
+
+def nitp_config(args: argparse.Namespace) -> NITPConfig | None:
+    """The NITP settings of --nitp and its ablation flags, checked; None without --nitp."""
+    if not args.nitp:
+        return None
+    config = NITPConfig(lam=args.nitp_lambda, layer=args.nitp_layer, shift=args.nitp_shift,
+                        stopgrad=not args.nitp_no_stopgrad, head=args.nitp_head, loss=args.nitp_loss,
+                        start=args.nitp_start)
+    target_layer(config, args.n_layer)  # in range for this depth
+    return config
 
 
 def build(args: argparse.Namespace, settings: Settings) -> Run:
@@ -399,6 +408,8 @@ def train(run: Run, on_eval=None, sample: bool = True) -> list[dict]:
     def evaluation() -> None:  # rank 0 only
         t0 = time.perf_counter()
         record = {"step": run.step, "eval": True, **evaluate(model, run.nitp, val_batches, autocast)}
+        if run.nitp is not None:  # on the eager model: gradients in eval mode would make --compile recompile
+            record.update(nitp_diagnostics(run.model, run.nitp, *val_batches[0], autocast))
         record = log.add_evaluation({**record, "eval_s": time.perf_counter() - t0})  # + ms/iter since the last
         print_evaluation(record)
         if on_eval is not None:
@@ -444,8 +455,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.resume or args.probe:  # the run's settings come from its checkpoint, except what flags may change
             ckpt = checkpoint.load(args.out_dir)
             args = parse_args(argv, saved=ckpt["args"])
-        if args.compare:  # every run's settings are checked before the first one trains
-            for run_args in compare.run_args(args, args.seed).values():
+        if args.compare or args.ablations:  # every run's settings are checked before the first one trains
+            for run_args in compare.arms(args, args.seed).values():
                 check(run_args)
         else:
             run = setup(args, ckpt)
@@ -456,11 +467,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = probe.report({"this model": run.model}, sections, args.block_size, args.seed)
         (Path(args.out_dir) / "probe.json").write_text(json.dumps(rows, indent=1))
         return
-    if not args.compare and run.world_size > 1:
+    if not (args.compare or args.ablations) and run.world_size > 1:
         dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
     try:
-        if args.compare:
-            compare.compare(args)  # its own runs, in OUT_DIR/seed<S>-ntp|nitp: not a third one here
+        if args.compare or args.ablations:
+            compare.compare(args)  # its own runs, in OUT_DIR/seed<S>-<arm>: no other one here
         else:
             train(run)
     except Diverged as e:
