@@ -262,8 +262,9 @@ def arms(args: argparse.Namespace, seed: int) -> dict[str, argparse.Namespace]:
             for name, change in changes.items()}
 
 
-def compare(args: argparse.Namespace) -> None:
-    """Train every run of arms() for args.seeds seeds starting at args.seed; summarize, plot, save."""
+def compare(args: argparse.Namespace, on_eval=None) -> None:
+    """Train every run of arms() for args.seeds seeds starting at args.seed; summarize, plot, save.
+    on_eval(name, seed, record), if given, sees each evaluation as it happens (the notebook draws them)."""
     started = time.perf_counter()
     out_dir = Path(args.out_dir)
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -273,7 +274,13 @@ def compare(args: argparse.Namespace) -> None:
         for name, settings in arms(args, seed).items():
             print(f"\n=== seed {seed}: {name} ===")
             ntp_by_step = {r["step"]: r for r in results.get("NTP", [])}
-            show = (lambda r: print_side_by_side(ntp_by_step[r["step"]], r)) if name == "NITP" else None
+
+            def show(record: dict) -> None:  # called by train() during this run only
+                if name == "NITP":
+                    print_side_by_side(ntp_by_step[record["step"]], record)
+                if on_eval is not None:
+                    on_eval(name, seed, record)
+
             if args.compile:  # each run compiles its own model, and its ms/iter includes that, as on its own
                 torch._dynamo.reset()
             run = train.setup(settings)
