@@ -246,7 +246,8 @@ def nitp_overhead(args: argparse.Namespace) -> float:
 
 def stretched(args: argparse.Namespace, factor: float) -> dict:
     """The schedule of a run `factor` times as long: the steps, the warm-up and the evaluation interval."""
-    return {name: max(1, round(getattr(args, name) * factor)) for name in ("max_iters", "warmup_iters", "eval_interval")}
+    names = ("max_iters", "warmup_iters", "eval_interval")
+    return {name: max(1, round(getattr(args, name) * factor)) for name in names}
 
 
 def arms(args: argparse.Namespace, seed: int) -> dict[str, argparse.Namespace]:
@@ -258,7 +259,8 @@ def arms(args: argparse.Namespace, seed: int) -> dict[str, argparse.Namespace]:
     if args.ablations:
         changes.update({name: {"nitp": True, **flags(args)} for name, (flags, _) in ablations.ABLATIONS.items()})
     common = {**vars(args), "seed": seed, "compare": False, "equal_compute": False, "ablations": False}
-    return {name: argparse.Namespace(**{**common, **change, "out_dir": str(Path(args.out_dir) / f"seed{seed}-{slug(name)}")})
+    folder = Path(args.out_dir)
+    return {name: argparse.Namespace(**{**common, **change, "out_dir": str(folder / f"seed{seed}-{slug(name)}")})
             for name, change in changes.items()}
 
 

@@ -70,7 +70,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
       - older CUDA GPUs (T4, V100, RTX 20xx): float16. Recent torch says bf16 is "supported" there, but it is
         emulated, without tensor cores (reported at about a tenth of fp16's speed on a T4);
       - the CPU: float32. Even on ours, whose bf16 GEMM is faster, bf16 autocast made the small model's steps
-        slower (RESULTS.md, 6.1);
+        slower (RESULTS.md, "The classroom model" under "Speed");
       - MPS: float32. Autocast on MPS is new (torch 2.5+) and we could not test it, so MPS trains in fp32.
     An explicit choice that the device cannot run is refused with one line."""
     if device.type == "cuda":

@@ -24,7 +24,8 @@ Choices the paper leaves open, and ours:
     target path.
   - The head is initialised like the backbone, N(0, 0.02): the cosine is scale-free, so the head only
     needs small, symmetry-breaking weights to start.
-The ablation switches in NITPConfig reproduce the paper's ablations; their defaults are the method.
+The switches in NITPConfig are the paper's ablations (how far our runs reproduce its results: RESULTS.md,
+"Ablations"); their defaults are the method.
 """
 from dataclasses import dataclass
 

@@ -12,6 +12,7 @@ import torch
 
 import checkpoint
 import data
+import devices
 import flags
 import train
 from conftest import HERE, TINY, exact, poison_the_gradients, poison_the_nitp_loss, read_metrics, same, tiny_model
@@ -303,7 +304,7 @@ def test_a_resumed_optimizer_takes_this_devices_kernel_choice(device, tmp_path, 
     train.main(TINY + ["--nitp", "--dtype", "float16", "--max-iters", "4", "--eval-interval", "2", "--out-dir", out])
     assert not torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"][0]["fused"]
     if device == "cpu":
-        monkeypatch.setattr(train, "optimizer_kernels", lambda device: {"fused": True})
+        monkeypatch.setattr(devices, "optimizer_kernels", lambda device: {"fused": True})
     resumed = []
     real_restore = checkpoint.restore
     monkeypatch.setattr(checkpoint, "restore", lambda run, ckpt: (real_restore(run, ckpt), resumed.append(run)))

@@ -28,19 +28,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import compare
+import devices
 import probe
 from data import Dataset, get_batch, get_tokenizer, labelled_sections, load_dataset
-from devices import (
-    autocast_for,
-    check_compile,
-    grad_scaler,
-    optimizer_kernels,
-    pick_device,
-    pick_dtype,
-    to_device,
-    torchrun_rank,
-    use_deterministic_algorithms,
-)
 from evaluate import evaluate, model_size, nitp_diagnostics, print_evaluation, validation_batches
 from flags import check_out_dir, fail, parse_args, say
 from model import GPT, GPTConfig, MoE
@@ -86,12 +76,12 @@ def check(args: argparse.Namespace, ckpt: dict | None = None) -> Settings:
     """Everything about the run that can fail on bad user input, checked before anything is written (but the
     out dir: main checks that). Raises ValueError."""
     if args.deterministic:
-        use_deterministic_algorithms()  # before the first kernel
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+        devices.use_deterministic_algorithms()  # before the first kernel
+    device = devices.pick_device(args.device)
+    dtype = devices.pick_dtype(args.dtype, device)
     if args.compile:
-        check_compile(device)
-    rank, world_size = torchrun_rank(device)
+        devices.check_compile(device)
+    rank, world_size = devices.torchrun_rank(device)
     if ckpt is not None:
         checkpoint.check_world_size(ckpt, world_size, args.out_dir)
     tokenizer = get_tokenizer(args.tokenizer)
@@ -129,7 +119,7 @@ def build(args: argparse.Namespace, settings: Settings) -> Run:
         nitp.to(settings.device)
     optimizer = make_optimizer([model] + ([nitp] if nitp else []), args, settings.device)
     return Run(args, settings.device, settings.dtype, settings.dataset, model, nitp, optimizer,
-               grad_scaler(settings.device, settings.dtype), torch.Generator().manual_seed(args.seed),
+               devices.grad_scaler(settings.device, settings.dtype), torch.Generator().manual_seed(args.seed),
                rank=settings.rank, world_size=settings.world_size)
 
 
@@ -156,7 +146,7 @@ def make_optimizer(modules: list[torch.nn.Module], args, device) -> torch.optim.
     params = {id(p): p for m in modules for p in m.parameters()}.values()  # the tied weight once
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), **optimizer_kernels(device))
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95), **devices.optimizer_kernels(device))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,7 +246,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     if max_norm > 0:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     # not clip_grad_norm_(params, inf): it would still multiply every gradient by 1.0
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
+    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 class StopOnSigint:
@@ -284,8 +275,8 @@ def train_step(run: Run, loss_fn: torch.nn.Module, autocast, sigint: StopOnSigin
         group["lr"] = lr
     sums = {}  # name -> this rank's mean over the micro-batches, on the device
     for micro in range(args.grad_accum):
-        x, y = (to_device(t, run.device) for t in get_shard(run.dataset.train, args.batch_size, args.block_size,
-                                                            run.batch_rng, run.rank, run.world_size))
+        shard = get_shard(run.dataset.train, args.batch_size, args.block_size, run.batch_rng, run.rank, run.world_size)
+        x, y = (devices.to_device(t, run.device) for t in shard)  # (B, T) each
         # DDP averages the gradients across ranks once per step, in the last micro-batch's backward
         accumulating = run.world_size > 1 and micro < args.grad_accum - 1
         with loss_fn.no_sync() if accumulating else contextlib.nullcontext():
@@ -375,7 +366,8 @@ def print_progress(run: Run, record: dict, recent_ms: list[float]) -> None:
     ms = float(np.mean(recent_ms))
     tokens_per_step = args.batch_size * args.grad_accum * args.block_size * run.world_size
     left = ms / 1000 * (args.max_iters - record["step"])
-    shown = " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "lr", "ms", "grad_norm", "skipped"))
+    losses = {k: v for k, v in record.items() if k not in ("step", "lr", "ms", "grad_norm", "skipped")}
+    shown = " | ".join(f"{k} {v:.4f}" for k, v in losses.items())
     print(f"step {record['step']:5d}/{args.max_iters} | {shown} | lr {record['lr']:.2e} | {ms:.0f} ms/iter | "
           f"{tokens_per_step / ms:.1f}k tok/s | left {int(left // 60)}m{int(left % 60):02d}s")
 
@@ -400,7 +392,7 @@ def train(run: Run, on_eval=None, sample: bool = True) -> list[dict]:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.start_metrics(out_dir / "metrics.jsonl", run.step)
     log = MetricsLog(out_dir / "metrics.jsonl", write=master)
-    autocast = autocast_for(run.device, run.dtype)
+    autocast = devices.autocast_for(run.device, run.dtype)
     model = compiled(run.model) if args.compile else run.model  # what the steps and evaluations call
     loss_fn = loss_module(run, model)
     val_batches = validation_batches(run.dataset.val, args.batch_size, args.block_size, args.eval_iters, run.device)
