@@ -308,12 +308,12 @@ def compare(args: argparse.Namespace, on_eval=None) -> None:
     if args.equal_compute:
         summary["at equal compute"] = summarize(finals, baseline="NTP, equal compute", prefix="at equal compute: ")
         costs["NTP, equal compute"] = 1.0
-        print_wall_clock(finals, costs, args)
+        print_wall_clock(finals, costs)
     t0 = time.perf_counter()
     if args.ablations:
         summary["ablations"] = ablations.report(finals, seeds, out_dir)
     else:
-        plot(out_dir, seeds, nitp_layer, {k: v for k, v in summary.items() if k != "ablations"}, costs)
+        plot(out_dir, seeds, nitp_layer, summary, costs)
     # Where the time went: training steps and evaluations from the runs' own logs, the rest measured here
     records = [r for seed in seeds for name in finals[0] for r in read_metrics(out_dir / f"seed{seed}-{slug(name)}")]
     seconds = {"training steps": sum(r["ms"] for r in records if not r.get("eval")) / 1000,
@@ -329,7 +329,7 @@ def compare(args: argparse.Namespace, on_eval=None) -> None:
     print(f"summary: {out_dir / 'compare.json'}")
 
 
-def print_wall_clock(finals: list[dict], costs: dict[str, float], args: argparse.Namespace) -> None:
+def print_wall_clock(finals: list[dict], costs: dict[str, float]) -> None:
     """Equal FLOPs need not be equal time: each run's steps, FLOPs and training seconds, beside each other."""
     print("\nequal compute, checked against the clock (training steps only, mean over seeds):")
     for name in ("NTP", "NITP", "NTP, equal compute"):
