@@ -64,12 +64,10 @@ def nitp_diagnostics(model: GPT, nitp: NITP, x: torch.Tensor, y: torch.Tensor, a
     was_training = model.training
     model.eval()
     backbone = list(model.parameters())
-    s = nitp.config.shift
     with torch.enable_grad(), autocast:
         out = model(x, y)
         h, z = out.hidden, out.block_outputs[nitp.layer]            # (B, T, d) each
-        pred = nitp.head(h[:, :h.size(1) - s]).float()              # (B, T-s, d) P(h_t)
-        target = z[:, s:].float()                                   # (B, T-s, d) z_{t+s}
+        pred, target = nitp.pairs(h, z)                             # (B, T-s, d) each: P(h_t), z_{t+s}
         weighted_nitp = nitp.config.lam * nitp(h, z)
     grads = [torch.autograd.grad(loss, backbone, retain_graph=True, allow_unused=True)
              for loss in (out.loss, weighted_nitp)]

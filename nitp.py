@@ -105,15 +105,20 @@ class NITP(nn.Module):
         for p in self.head.parameters():
             nn.init.normal_(p, mean=0.0, std=0.02)
 
-    def distances(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def pairs(self, h: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h: (B, T, d) final hidden states; z: (B, T, d) outputs of block k, from the same pass.
-        Returns (B, T-shift): entry t is the distance between P(h_t) and z_{t+shift}."""
+        Returns the prediction P(h_t) and its target sg(z_{t+shift}), (B, T-shift, d) each, in fp32."""
         s = self.config.shift
         T = h.size(1)
         pred = self.head(h[:, :T - s]).float()  # (B, T-s, d)  P(h_t) for t = 0 .. T-1-s
         target = z[:, s:].float()               # (B, T-s, d)  z_{t+s}: the last h has no z_{t+1}
         if self.config.stopgrad:
             target = target.detach()            # sg(z): z is a target, never pulled towards P(h)
+        return pred, target
+
+    def distances(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """(B, T-shift): entry t is the distance between P(h_t) and z_{t+shift}."""
+        pred, target = self.pairs(h, z)         # (B, T-s, d) each
         if self.config.loss == "cosine":
             return 1 - F.cosine_similarity(pred, target, dim=-1)
         if self.config.loss == "mse":

@@ -134,7 +134,8 @@ def setup(args: argparse.Namespace, ckpt: dict | None = None) -> Run:
 def compiled(model: GPT) -> torch.nn.Module:
     """torch.compile(model), with each MoE layer left eager. Its dispatch splits the tokens by counts read from
     the device, which change every step: compiled, new counts kept recompiling it (TORCH_LOGS=recompiles), and
-    past dynamo's limit of 8 recompiles that code would have run eager anyway, silently."""
+    past dynamo's limit of 8 recompiles that code would have run eager anyway, silently. Done here, not with a
+    decorator on MoE.forward: torch.compiler.disable imports dynamo, about 2 s added to every start here."""
     for module in model.modules():
         if isinstance(module, MoE):
             module.forward = torch.compiler.disable(module.forward)
