@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import devices
 import evaluate
 import flags
 import train
-from conftest import TINY, read_metrics, tiny_model, tiny_nitp, tokens
+from conftest import TINY, exact, read_metrics, same, tiny_model, tiny_nitp, tokens
 from nitp import NITPConfig, anisotropy, default_layer, effective_rank, training_loss
 
 # ---------------------------------------------------------------------------------------------------- the loss
@@ -281,31 +282,31 @@ def test_document_ids_give_the_mask_of_pairs_within_one_document():
 
 # ---------------------------------------------------------------------------------------------------- is NITP alive?
 
-def test_lambda_zero_trains_the_same_backbone_as_ntp_bit_for_bit(tmp_path):
+def test_lambda_zero_trains_the_same_backbone_as_ntp_bit_for_bit(device, tmp_path):
     """With λ = 0 the head is there, but its loss adds exactly nothing to the backbone's gradient: after a few
     steps, the backbone's weights equal the NTP run's to the last bit. (Without clipping: the global gradient
     norm then sums a longer list of per-tensor norms, the head's zeros included, which can round the clip
     factor differently in its last bit.)"""
     for name, extra in (("ntp", []), ("zero", ["--nitp", "--nitp-lambda", "0"])):
-        train.main(TINY + extra + ["--grad-clip", "0", "--max-iters", "5", "--out-dir", str(tmp_path / name)])
+        train.main(TINY + exact(device) + extra + ["--grad-clip", "0", "--max-iters", "5", "--out-dir", str(tmp_path / name)])
     weights = [torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"] for name in ("ntp", "zero")]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert all(same(weights[0][k], weights[1][k], device) for k in weights[0])
 
 
-def test_the_head_is_in_the_optimizer_and_learns_from_the_first_step(tmp_path):
-    run = train.setup(flags.parse_args(TINY + ["--nitp", "--out-dir", str(tmp_path)]))
+def test_the_head_is_in_the_optimizer_and_learns_from_the_first_step(device, tmp_path):
+    run = train.setup(flags.parse_args(TINY + ["--nitp", "--device", device, "--out-dir", str(tmp_path)]))
     optimized = {id(p) for p in run.params}
     assert all(id(p) in optimized for p in run.nitp.parameters())
     before = [p.detach().clone() for p in run.nitp.parameters()]
-    train.train_step(run, train.loss_module(run, run.model), contextlib.nullcontext())
+    train.train_step(run, train.loss_module(run, run.model), devices.autocast_for(run.device, run.dtype))
     assert all(not torch.equal(a, b) for a, b in zip(before, run.nitp.parameters()))
 
 
-def test_nitps_part_of_the_backbone_gradient_scales_linearly_with_lambda():
+def test_nitps_part_of_the_backbone_gradient_scales_linearly_with_lambda(device):
     """evaluate.nitp_diagnostics: the backbone gradient of λ·L_NITP is λ times that of L_NITP, and the LM's
     part does not depend on λ."""
-    model, x, y = tiny_model(), tokens(), tokens(seed=1)
-    found = {lam: evaluate.nitp_diagnostics(model, tiny_nitp(lam=lam), x, y, contextlib.nullcontext())
+    model, x, y = tiny_model().to(device), tokens().to(device), tokens(seed=1).to(device)
+    found = {lam: evaluate.nitp_diagnostics(model, tiny_nitp(lam=lam).to(device), x, y, contextlib.nullcontext())
              for lam in (0.5, 1.0, 2.0)}
     assert found[2.0]["grad_nitp"] == pytest.approx(2 * found[1.0]["grad_nitp"], rel=1e-5)
     assert found[0.5]["grad_nitp"] == pytest.approx(0.5 * found[1.0]["grad_nitp"], rel=1e-5)
@@ -313,31 +314,32 @@ def test_nitps_part_of_the_backbone_gradient_scales_linearly_with_lambda():
     assert all(p.grad is None for p in model.parameters())  # measured without touching .grad
 
 
-def test_the_diagnostics_are_logged_at_each_evaluation_and_match_the_loss(tmp_path):
+def test_the_diagnostics_are_logged_at_each_evaluation_and_match_the_loss(device, tmp_path):
     """Each evaluation of a NITP run logs the diagnostics; with the cosine loss, nitp_cos is 1 − L_NITP on the
     first validation batch."""
-    train.main(TINY + ["--nitp", "--max-iters", "4", "--eval-interval", "2", "--out-dir", str(tmp_path)])
+    train.main(TINY + ["--nitp", "--device", device, "--max-iters", "4", "--eval-interval", "2", "--out-dir", str(tmp_path)])
     evals = [r for r in read_metrics(tmp_path) if r.get("eval")]
     keys = {"nitp_cos", "pred_norm", "target_norm", "grad_lm", "grad_nitp", "grad_nitp_share", "grad_cos"}
     assert all(keys <= set(r) and 0 <= r["grad_nitp_share"] <= 1 for r in evals)
-    run = train.setup(flags.parse_args(TINY + ["--nitp", "--resume", "--out-dir", str(tmp_path)]),
+    run = train.setup(flags.parse_args(TINY + ["--nitp", "--device", device, "--resume", "--out-dir", str(tmp_path)]),
                       checkpoint.load(str(tmp_path)))
     x, y = evaluate.validation_batches(run.dataset.val, 4, 16, 1, run.device)[0]
-    with torch.no_grad():
+    with torch.no_grad(), devices.autocast_for(run.device, run.dtype):  # as the evaluation ran
         out = run.model(x, y)
         loss = run.nitp(out.hidden, out.block_outputs[run.nitp.layer]).item()
     assert evals[-1]["nitp_cos"] == pytest.approx(1 - loss, abs=1e-5)
 
 
-def test_the_logged_losses_equal_a_recompute_by_hand(tmp_path):
+def test_the_logged_losses_equal_a_recompute_by_hand(device, tmp_path):
     """Step 1's logged loss, lm and nitp equal training_loss recomputed on the same first batch with the initial
     weights, and loss = lm + λ·nitp."""
-    args = flags.parse_args(TINY + ["--nitp", "--nitp-lambda", "0.7", "--max-iters", "1", "--out-dir", str(tmp_path)])
+    command = TINY + ["--nitp", "--nitp-lambda", "0.7", "--device", device, "--max-iters", "1", "--out-dir", str(tmp_path)]
+    args = flags.parse_args(command)
     run = train.setup(args)
     x, y = train.get_shard(run.dataset.train, 4, 16, torch.Generator().manual_seed(args.seed), 0, 1)
-    with torch.no_grad():
-        loss, parts = training_loss(run.model, run.nitp, x, y)
-    train.main(TINY + ["--nitp", "--nitp-lambda", "0.7", "--max-iters", "1", "--out-dir", str(tmp_path)])
+    with torch.no_grad(), devices.autocast_for(run.device, run.dtype):  # as the training step runs
+        loss, parts = training_loss(run.model, run.nitp, x.to(run.device), y.to(run.device))
+    train.main(command)
     logged = [r for r in read_metrics(tmp_path) if not r.get("eval")][0]
     assert logged["loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert (logged["lm"], logged["nitp"]) == pytest.approx((parts["lm"].item(), parts["nitp"].item()), rel=1e-6)
