@@ -13,13 +13,16 @@ so about one pair in 5,900 crosses one. Where a corpus does mark documents, NITP
 (nitp.py shows how to build it from document ids or an attention mask; hf_example.py does so from padding).
 
 Three corpora:
-  "python-docs"  (default) the Python language reference that ships inside every Python install
-                 (pydoc_data.topics, about 465k characters): embedded, so it works offline.
+  "python-docs"  (default) the Python language reference, as shipped inside CPython 3.11.7 (pydoc_data.topics,
+                 466k bytes), frozen in corpus/python-reference.txt (PSF License, corpus/LICENSE): offline,
+                 and the same tokens whatever Python runs it (each Python release ships a different text).
   "shakespeare"  tiny-shakespeare (1.1M characters), downloaded once and cached.
   PATH           any UTF-8 text file.
 """
 import hashlib
+import json
 import os
+import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ import torch
 
 from checkpoint import atomic_write
 
+PYTHON_REFERENCE = Path(__file__).resolve().parent / "corpus" / "python-reference.txt"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CACHE_DIR = Path(os.environ.get("NITP_CACHE_DIR", Path(__file__).resolve().parent / "data_cache"))
 TOKENIZERS = ("bytes", "gpt2", "r50k_base", "cl100k_base", "o200k_base")
@@ -75,13 +79,12 @@ def get_tokenizer(name: str) -> tiktoken.Encoding:
 # Corpora
 
 def python_docs_text() -> str:
-    """The Python language reference, as shipped with Python for help(): one section per topic."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise DataError("this Python install lacks pydoc_data, which holds the default corpus; "
-                        "use --data shakespeare or --data PATH") from None
-    return "\n\n".join(topics[name] for name in sorted(topics))
+    """The Python language reference of CPython 3.11.7, from this repository (read as bytes: no newline
+    translation, so the text is the same on every system)."""
+    if not PYTHON_REFERENCE.is_file():
+        raise DataError(f"the default corpus {PYTHON_REFERENCE} is missing; restore it with git checkout, "
+                        f"or use --data shakespeare or --data PATH")
+    return PYTHON_REFERENCE.read_bytes().decode("utf-8")
 
 
 def shakespeare_text() -> str:
@@ -173,12 +176,38 @@ def load_dataset(source: str, tokenizer: tiktoken.Encoding, block_size: int) -> 
     digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
     dtype = token_dtype(tokenizer.n_vocab)
     path = CACHE_DIR / f"{digest}.{tokenizer.name}.{np.dtype(dtype).name}.bin"
-    if not path.exists():
+    if not cache_is_whole(path):
         ids = np.array(tokenizer.encode_ordinary(text), dtype=dtype)
         split(ids, block_size)  # a corpus too short is refused before anything is cached
-        atomic_write(path, lambda f: f.write(ids.tobytes()))
+        write_cache(path, ids)
     train, val = split(np.memmap(path, dtype=dtype, mode="r"), block_size)
     return Dataset(train, val, tokenizer)
+
+
+def write_cache(path: Path, ids: np.ndarray) -> None:
+    """The token ids, then beside them their size and checksum (path.json), each written atomically: a crash
+    between the two leaves ids without a record, which cache_is_whole refuses."""
+    raw = ids.tobytes()
+    atomic_write(path, lambda f: f.write(raw))
+    record = {"bytes": len(raw), "sha1": hashlib.sha1(raw).hexdigest()}
+    atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
+
+
+def cache_is_whole(path: Path) -> bool:
+    """Does the cached file hold exactly the tokens that were written? A file cut short, changed, or left without
+    its record is not used (load_dataset then tokenizes the corpus again and rewrites it), with a note."""
+    if not path.exists():
+        return False
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+        raw = path.read_bytes()
+        whole = len(raw) == record["bytes"] and hashlib.sha1(raw).hexdigest() == record["sha1"]
+    except (OSError, ValueError, KeyError, TypeError):
+        whole = False
+    if not whole:
+        print(f"note: the token cache {path} does not match its recorded size and checksum; rebuilding it",
+              file=sys.stderr)
+    return whole
 
 
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int,

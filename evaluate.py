@@ -1,7 +1,7 @@
 """Evaluation: the validation loss, and what NITP claims to change, the geometry of the hidden states.
 
-train.py evaluates every --eval-interval steps on the same fixed validation batches, in every run, so that the
-NTP and NITP runs of compare.py are measured on exactly the same tokens.
+train.py evaluates every --eval-interval steps on the same fixed validation batches (--eval-iters of them), in
+every run, so that the NTP and NITP runs of compare.py are measured on exactly the same tokens.
 """
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from data import get_batch
 from devices import to_device
 from model import GPT
-from nitp import NITP, anisotropy, effective_rank
+from nitp import NITP, Geometry
 
 
 def validation_batches(tokens: np.ndarray, batch_size: int, block_size: int, n_batches: int,
@@ -25,12 +25,14 @@ def validation_batches(tokens: np.ndarray, batch_size: int, block_size: int, n_b
 def evaluate(model: GPT, nitp: NITP | None, val_batches, autocast) -> dict:
     """Pure LM validation loss, NITP loss, and the geometry of the hidden states.
 
-    The metrics use the states of the first, fixed validation batch (B·T states): `erank` and `anisotropy` the
-    final hidden states (after ln_f, the LM head's input: the vector NITP trains), `erank_by_layer` the output
+    The geometry is measured on the states of every validation batch (geometry_states of them, in
+    geometry_windows windows; anisotropy pairs states of different windows only): `erank` and `anisotropy` of the
+    final hidden states (after ln_f, the LM head's input: the vector NITP trains), `erank_by_layer` of the output
     of every block, [0] being the embeddings, to see where in the depth NITP acts."""
     model.eval()
     lm_losses, nitp_losses, expert_shares = [], [], []
-    for i, (x, y) in enumerate(val_batches):
+    final, by_layer = Geometry(), None
+    for x, y in val_batches:
         with autocast:
             out = model(x, y)
             lm_losses.append(out.loss)
@@ -38,12 +40,14 @@ def evaluate(model: GPT, nitp: NITP | None, val_batches, autocast) -> dict:
                 nitp_losses.append(nitp(out.hidden, out.block_outputs[nitp.layer]))
         if out.expert_share is not None:
             expert_shares.append(out.expert_share)  # (n_moe_layers, E)
-        if i == 0:
-            d = out.hidden.size(-1)
-            states = out.hidden.reshape(-1, d)  # (B*T, d)
-            metrics = {"erank": effective_rank(states), "anisotropy": anisotropy(states),
-                       "erank_by_layer": [effective_rank(z.reshape(-1, d)) for z in out.block_outputs]}
+        final.add(out.hidden)                        # (B, T, d): B windows of T states
+        by_layer = by_layer or [Geometry() for _ in out.block_outputs]
+        for geometry, z in zip(by_layer, out.block_outputs):
+            geometry.add(z)
     model.train()
+    metrics = {"erank": final.effective_rank(), "anisotropy": final.anisotropy(),
+               "erank_by_layer": [geometry.effective_rank() for geometry in by_layer],
+               "geometry_states": final.n, "geometry_windows": final.windows}
     if expert_shares:  # each expert's share of the routed slots, per MoE layer; ideal is 1/E each
         share = torch.stack(expert_shares).mean(dim=0)  # (n_moe_layers, E)
         metrics["expert_share"] = share.tolist()

@@ -157,35 +157,67 @@ def training_loss(model: nn.Module, nitp: NITP | None, x: torch.Tensor, y: torch
 
 
 # ----------------------------------------------------------------------------------------------------
-# What NITP claims to change: the geometry of the last hidden states. Inputs are (N, d) states, of any dtype
-# on any device; both metrics copy them to the CPU in fp32 first, so that they give the same numbers wherever
-# the model trained (and run where eigvalsh and entr have no GPU kernel, as on MPS). That costs milliseconds.
+# What NITP claims to change: the geometry of the last hidden states, measured on many states at once. The
+# evaluation adds the states of every validation batch to a Geometry (B windows of T positions at a time), which
+# keeps sums only: no states are held, however many batches. Everything is computed on the CPU in float64, so
+# that the numbers do not depend on where the model trained (and eigvalsh and entr need no GPU kernel, which
+# MPS lacks).
 
-def _cpu_fp32(states: torch.Tensor) -> torch.Tensor:
-    return states.detach().to("cpu", torch.float32)
+class Geometry:
+    """Effective rank and anisotropy of a set of states, accumulated window by window."""
+
+    def __init__(self):
+        self.n = self.windows = self.pairs_within = 0  # states, windows, ordered pairs of states in one window
+        self.sum = self.outer = self.unit_sum = None  # Σx (d,), Σxxᵀ (d, d), Σ of the unit vectors x/|x| (d,)
+        self.unit_within = 0.0                         # Σ over windows of |Σ_(t in window) x_t/|x_t| |²
+
+    @torch.no_grad()
+    def add(self, states: torch.Tensor) -> "Geometry":
+        """states: (W, T, d), T states (positions) from each of W windows of text; (N, d) is N windows of one."""
+        x = states.detach().to("cpu", torch.float64)
+        x = x.reshape(-1, 1, x.size(-1)) if x.dim() == 2 else x  # (W, T, d)
+        W, T, d = x.shape
+        flat = x.reshape(W * T, d)                                # (N, d)
+        window_sums = F.normalize(x, dim=-1).sum(dim=1)           # (W, d): Σ of each window's unit vectors
+        if self.sum is None:
+            self.sum, self.outer, self.unit_sum = torch.zeros(d, dtype=torch.float64), \
+                torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+        self.sum += flat.sum(dim=0)
+        self.outer += flat.T @ flat
+        self.unit_sum += window_sums.sum(dim=0)
+        self.unit_within += (window_sums * window_sums).sum().item()
+        self.n, self.windows, self.pairs_within = self.n + W * T, self.windows + W, self.pairs_within + W * T * T
+        return self
+
+    def effective_rank(self) -> float:
+        """exp(entropy) of the normalized eigenvalues of the states' covariance.
+
+        d equally used directions give d; a single direction gives 1. This is the paper's definition. Roy &
+        Vetterli's effective rank normalizes the singular values of the centred states instead; the covariance
+        eigenvalues are those singular values squared, which weighs the leading directions more and gives a
+        lower number. We follow the paper, to compare with its figures."""
+        mean = self.sum / self.n
+        cov = (self.outer - self.n * torch.outer(mean, mean)) / (self.n - 1)  # (d, d)
+        eigenvalues = torch.linalg.eigvalsh(cov).clamp(min=0)  # (d,) tiny negatives are rounding noise
+        p = eigenvalues / eigenvalues.sum()
+        return torch.special.entr(p).sum().exp().item()  # entr(p) = -p·log p, with entr(0) = 0
+
+    def anisotropy(self) -> float:
+        """Mean cosine similarity between states of different windows: 0 for directions spread evenly, 1 for one
+        direction. Pairs within a window are left out, as the paper takes pairs across sentences: neighbouring
+        positions of one text are alike for reasons that have nothing to do with the geometry of the space."""
+        # Σ over ordered pairs (i, j), i ≠ j, of cos(x_i, x_j) is |Σ u|² − Σ_i |u_i|²; taking away each window's
+        # |Σ_(t in window) u_t|² instead leaves the pairs across windows only (and the diagonal with them).
+        across = self.unit_sum @ self.unit_sum - self.unit_within
+        return (across / (self.n * self.n - self.pairs_within)).item()
 
 
-@torch.no_grad()
 def effective_rank(states: torch.Tensor) -> float:
-    """exp(entropy) of the normalized eigenvalues of the covariance of the mean-centred states.
-
-    d equally used directions give d; a single direction gives 1. This is the paper's definition. Roy &
-    Vetterli's effective rank normalizes the singular values of the centred states instead; the covariance
-    eigenvalues are those singular values squared, which weighs the leading directions more and gives a
-    lower number. We follow the paper, to compare with its figures."""
-    states = _cpu_fp32(states)
-    x = states - states.mean(dim=0)                    # (N, d)
-    cov = x.T @ x / (x.size(0) - 1)                    # (d, d)
-    eigenvalues = torch.linalg.eigvalsh(cov).clamp(min=0)  # (d,) tiny negatives are rounding noise
-    p = eigenvalues / eigenvalues.sum()
-    return torch.special.entr(p).sum().exp().item()  # entr(p) = -p·log p, with entr(0) = 0
+    """The effective rank of (N, d) states (or of (W, T, d) windows of them): see Geometry.effective_rank."""
+    return Geometry().add(states).effective_rank()
 
 
-@torch.no_grad()
 def anisotropy(states: torch.Tensor) -> float:
-    """Mean cosine similarity over all pairs of distinct states: 0 for directions spread evenly, 1 for one
-    direction."""
-    u = F.normalize(_cpu_fp32(states), dim=-1)  # (N, d) unit vectors
-    n = u.size(0)
-    total = u.sum(dim=0)                       # (d,)  |Σ u_i|² = Σ_i Σ_j cos(u_i, u_j), diagonal included
-    return ((total @ total - n) / (n * (n - 1))).item()
+    """The anisotropy of (W, T, d) windows of states (pairs across windows), or of (N, d) states (every pair of
+    distinct states): see Geometry.anisotropy."""
+    return Geometry().add(states).anisotropy()

@@ -1,5 +1,8 @@
 """Tests of the corpora, tokenizers, token cache and batches (data.py)."""
 
+import hashlib
+import sys
+
 import numpy as np
 import pytest
 import tiktoken
@@ -55,10 +58,45 @@ def test_batches_are_next_token_pairs_at_random_offsets():
     assert len(set(x[:, 0].tolist())) > 1
 
 
-def test_default_corpus_is_embedded():
-    """The default corpus ships with Python: no file, no download."""
-    text = data.load_text("python-docs")
-    assert len(text) > 100_000 and "assert" in text
+# The default corpus's tokens, whatever Python runs it: every figure in README.md and RESULTS.md trained on them.
+PYTHON_REFERENCE_TOKENS = (466_273, "f1e2ef246caf4ec5c76a259cc03bb20e688dbda6")
+
+
+def test_the_default_corpus_gives_the_same_tokens_on_every_python(tmp_path):
+    """python-docs is a file of this repository, not the running Python's own reference (which changes with every
+    Python release): its byte tokens, through the cache, are the pinned ones, on any Python."""
+    tokens = data.load_dataset("python-docs", data.get_tokenizer("bytes"), block_size=64)
+    ids = np.concatenate([tokens.train, tokens.val])
+    assert (len(ids), hashlib.sha1(ids.tobytes()).hexdigest()) == PYTHON_REFERENCE_TOKENS
+    assert (len(tokens.train), len(tokens.val)) == (419_646, 46_627)
+
+
+@pytest.mark.skipif(sys.version_info[:3] != (3, 11, 7), reason="the frozen corpus is Python 3.11.7's reference")
+def test_the_frozen_corpus_is_python_3_11_7s_reference():
+    """Where it came from: on Python 3.11.7 the frozen file equals the reference shipped with it."""
+    from pydoc_data.topics import topics
+    assert data.load_text("python-docs") == "\n\n".join(topics[name] for name in sorted(topics))
+
+
+def test_a_damaged_token_cache_is_rebuilt(tmp_path, capsys):
+    """A cache file cut short (or otherwise changed) is noticed, said, and rebuilt: the run gets every token."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abcdefghij" * 100)
+    whole = data.load_dataset(str(corpus), data.get_tokenizer("bytes"), block_size=8)
+    whole_train, whole_val = np.array(whole.train), np.array(whole.val)  # copies: the damage rewrites the mapped file
+    del whole
+    (cache,) = data.CACHE_DIR.glob(f"*{hashlib.sha1(corpus.read_bytes()).hexdigest()[:12]}*.bin")
+    for damage in (lambda raw: raw[:100], lambda raw: raw[:-1] + b"x"):
+        cache.write_bytes(damage(cache.read_bytes()))
+        again = data.load_dataset(str(corpus), data.get_tokenizer("bytes"), block_size=8)
+        assert "does not match its recorded size and checksum; rebuilding it" in capsys.readouterr().err
+        assert np.array_equal(again.train, whole_train) and np.array_equal(again.val, whole_val)
+        del again
+    cache.with_suffix(".json").unlink()                       # a crash between the two writes leaves no record
+    data.load_dataset(str(corpus), data.get_tokenizer("bytes"), block_size=8)
+    assert "rebuilding it" in capsys.readouterr().err
+    data.load_dataset(str(corpus), data.get_tokenizer("bytes"), block_size=8)
+    assert capsys.readouterr().err == ""                      # whole again: read, not rebuilt
 
 
 def test_unavailable_standard_encoding_names_tiktoken_cache_dir(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import checkpoint
 import devices
 import evaluate
 import flags
+import nitp
 import train
 from conftest import TINY, exact, read_metrics, same, tiny_model, tiny_nitp, tokens
 from nitp import NITPConfig, anisotropy, default_layer, effective_rank, training_loss
@@ -254,6 +255,44 @@ def test_anisotropy_known_answers():
     assert anisotropy(v.repeat(10, 1)) == pytest.approx(1.0, abs=1e-6)
     assert anisotropy(torch.stack([v, -v])) == pytest.approx(-1.0, abs=1e-6)
     assert anisotropy(torch.eye(16)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_anisotropy_leaves_out_pairs_within_a_window():
+    """Within each window the states are one direction, across windows they are orthogonal: pairs across windows
+    average 0, while every pair of distinct states (the (N, d) reading) would average well above it."""
+    windows = torch.eye(4).repeat_interleave(8, dim=0).view(4, 8, 4) * 3.0   # (W=4, T=8, d=4)
+    assert anisotropy(windows) == pytest.approx(0.0, abs=1e-12)
+    assert anisotropy(windows.reshape(32, 4)) == pytest.approx((8 * 7 * 4) / (32 * 31), abs=1e-12)
+
+
+def test_geometry_added_batch_by_batch_equals_geometry_of_all_states_at_once():
+    """The evaluation adds one validation batch at a time; the sums it keeps give the numbers of all the states
+    together, also where the states have a large common mean (as the final hidden states do)."""
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(12, 16, 8, generator=g) @ torch.randn(8, 8, generator=g) + 50 * torch.randn(8, generator=g)
+    whole = nitp.Geometry().add(states)
+    pieces = nitp.Geometry()
+    for batch in states.split(5):                                          # windows 5 + 5 + 2
+        pieces.add(batch)
+    assert (pieces.n, pieces.windows) == (whole.n, whole.windows) == (192, 12)
+    assert pieces.effective_rank() == pytest.approx(whole.effective_rank(), rel=1e-9)
+    assert pieces.anisotropy() == pytest.approx(whole.anisotropy(), rel=1e-9)
+    flat = states.reshape(-1, 8).double()                                  # the textbook formulas, directly
+    centred = flat - flat.mean(dim=0)
+    eigenvalues = torch.linalg.eigvalsh(centred.T @ centred / (len(flat) - 1))
+    p = eigenvalues / eigenvalues.sum()
+    assert whole.effective_rank() == pytest.approx(torch.exp(-(p * p.log()).sum()).item(), rel=1e-9)
+    u = torch.nn.functional.normalize(states.double(), dim=-1)
+    cosines = torch.einsum("atd,bsd->atbs", u, u)                          # every pair, windows a and b
+    across = ~torch.eye(12, dtype=torch.bool)[:, None, :, None].expand_as(cosines)
+    assert whole.anisotropy() == pytest.approx(cosines[across].mean().item(), rel=1e-9)
+
+
+def test_the_evaluation_measures_the_geometry_on_every_validation_batch(device, tmp_path):
+    """erank and anisotropy use the states of all --eval-iters batches, and the record says how many."""
+    train.main(TINY + ["--max-iters", "2", "--eval-iters", "3", "--device", device, "--out-dir", str(tmp_path)])
+    record = [r for r in read_metrics(tmp_path) if r.get("eval")][-1]
+    assert (record["geometry_states"], record["geometry_windows"]) == (3 * 4 * 16, 3 * 4)
 
 
 # ---------------------------------------------------------------------------------------------------- padding and documents
