@@ -12,10 +12,13 @@ training FLOPs, i.e. max_iters × (1 + the analytic overhead) steps on the same 
 evaluation interval stretched alike. Its wall-clock time is shown beside, since measured time need not follow
 the FLOP count. --ablations (ablations.py) uses the same machinery for the paper's ablations.
 
-The summary gives each final NITP − baseline delta, its mean ± std over seeds, and whether it is larger than
-the seed-to-seed spread (the larger of the metric's std across the baseline runs and the delta's own std
-across seeds): the verdict's rule, as pre-registered in RESULTS.md. Beside it, the paired statistics over
-seeds: a paired t test and an exact sign test, two-sided p-values; with 3 seeds both are weak.
+The summary gives each final NITP − baseline difference paired by seed: its mean with a 95% confidence interval,
+and the verdict that follows from the interval (stats.py: "as the paper says", "the opposite", "not settled by N
+seeds"; the validation loss against a margin set before the runs). The seed spread, the t test's and the sign
+test's p-values stand beside it, to describe; it also says how large a difference its number of seeds can settle.
+
+Seeds from separate invocations pool: `python compare.py --pool OUT_DIR [OUT_DIR ...]` reads their compare.json
+files and gives one summary over all their seeds (pooled.json), if they trained the same setting.
 
 Everything lands in OUT_DIR: seed<S>-<run>/ (metrics.jsonl, ckpt.pt each), compare.json, and compare.png when
 matplotlib is installed.
@@ -32,9 +35,11 @@ import torch
 
 import ablations
 import probe
+import stats
 import train
 from data import get_tokenizer, labelled_sections
 from evaluate import flops_per_token
+from flags import OneLineParser, check_out_dir, fail
 from model import GPT
 from nitp import NITP
 
@@ -67,98 +72,78 @@ def plus_minus(mean: float, std: float | None, pattern: str, mean_pattern: str |
     return fmt(mean, mean_pattern or pattern) + ("" if std is None else " ± " + fmt(std, pattern))
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+def interval(paired: dict, pattern: str) -> str:
+    """"+1.32 [+1.17, +1.47]": the mean difference and its 95% interval (stats.paired's dict)."""
+    if paired["ci"] is None:
+        return fmt(paired["mean"], signed(pattern))
+    low, high = (fmt(v, signed(pattern)) for v in paired["ci"])
+    return f"{fmt(paired['mean'], signed(pattern))} [{low}, {high}]"
 
 
-def t_test_p(deltas: list[float]) -> float | None:
-    """Two-sided p-value of the paired t test that the mean delta is 0 (Student's t with n - 1 degrees of
-    freedom, in closed form for an integer df: Abramowitz & Stegun 26.7.3-4). None below 2 seeds."""
-    n = len(deltas)
-    if n < 2:
-        return None
-    mean, std = statistics.mean(deltas), statistics.stdev(deltas)
-    if std == 0:
-        return 1.0 if mean == 0 else 0.0
-    df, t = n - 1, abs(mean) / (std / math.sqrt(n))
-    theta = math.atan(t / math.sqrt(df))
-    s, c = math.sin(theta), math.cos(theta)
-    term, series = 1.0, 1.0  # the finite series in cos²θ that A&S give; A(t) = P(|T| < t)
-    if df % 2 == 1:
-        for k in range(1, (df - 1) // 2):
-            term *= 2 * k / (2 * k + 1) * c * c
-            series += term
-        inside = 2 / math.pi * (theta + (s * c * series if df > 1 else 0.0))
-    else:
-        for k in range(1, df // 2):
-            term *= (2 * k - 1) / (2 * k) * c * c
-            series += term
-        inside = s * series
-    return max(0.0, 1.0 - inside)
-
-
-def sign_test_p(deltas: list[float]) -> float | None:
-    """Two-sided p-value of the exact sign test: how likely this many seeds (or more) agree in sign by chance.
-    Zero deltas are dropped. With n seeds it cannot go below 2 / 2^n: 0.25 at 3 seeds."""
-    signs = [d > 0 for d in deltas if d != 0]
-    n = len(signs)
-    if n == 0:
-        return None
-    fewer = min(sum(signs), n - sum(signs))
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(fewer + 1)) / 2 ** n)
-
-
-def verdict(label: str, claim: str, delta: list[float], d_mean: float, d_std: float | None,
-            spread: float | None, pattern: str) -> str:
-    """One line in plain words: "eff. rank: NITP higher in 3 of 3 seeds, +4.78 ± 1.59, 3.0× the seed spread: as
-    the paper says". claim: "higher" or "lower" (the paper's direction), or "not worse" for a loss."""
-    n, higher, lower = len(delta), sum(d > 0 for d in delta), sum(d < 0 for d in delta)
-    counted = f"NITP higher in {higher} of {n} seeds" if claim == "higher" else f"NITP lower in {lower} of {n} seeds"
-    size = plus_minus(d_mean, d_std, pattern, signed(pattern))
-    if spread is None:
-        return f"{label}: {counted}, {size} (one seed: no spread to compare with)"
-    ratio = abs(d_mean) / spread if spread > 0 else float("inf")
-    against = f"{ratio:.1f}× the seed spread" if ratio >= 1 else f"within the seed spread ({fmt(spread, pattern)})"
-    if claim == "not worse":
-        return f"{label}: {counted}, {size}, {against}: NITP {'not worse' if d_mean <= 0 or ratio < 1 else 'WORSE'}"
-    held = (d_mean > 0 if claim == "higher" else d_mean < 0) and ratio >= 1
-    return f"{label}: {counted}, {size}, {against}: {'as the paper says' if held else 'not shown here'}"
+def plain_words(label: str, claim: str, paired: dict, pattern: str, arm: str = "NITP") -> str:
+    """One line: "eff. rank: +1.32 [+1.17, +1.47], NITP higher in 3 of 3 seeds: as the paper says"."""
+    counted = (f"{arm} higher in {paired['higher']} of {paired['n']} seeds" if claim == "higher"
+               else f"{arm} lower in {paired['lower']} of {paired['n']} seeds")
+    words = stats.verdict(claim, paired)
+    needed = stats.seeds_to_settle(paired["mean"], paired["std"])
+    if words.startswith("not settled") and needed is not None and needed > paired["n"]:
+        words += f" (a difference of this size needs about {needed} seeds)"
+    return f"{label}: {interval(paired, pattern)}, {counted}: {words}"
 
 
 def summarize(finals: list[dict], arm: str = "NITP", baseline: str = "NTP", prefix: str = "") -> dict:
-    """finals: per seed, {run name: its final eval record}. Prints and returns the summary of arm − baseline;
-    prefix goes before each plain-words line ("at equal compute: ")."""
+    """finals: per seed, {run name: its final eval record}. Prints and returns the summary of arm − baseline, paired
+    over seeds; prefix goes before each plain-words line ("at equal compute: ")."""
     n = len(finals)
-    print(f"\nsummary: final evaluation, {arm} − {baseline}, over {n} seed{'s' * (n > 1)}")
-    print(f"  {'metric':12s} {baseline:>18s} {arm:>18s} {'delta':>17s} {'seed spread':>12s}  "
-          f"delta > spread?  paired t p  sign p")
-    summary, lines = {}, []
+    seeds = [f[baseline].get("seed") for f in finals]
+    print(f"\nsummary: final evaluation, {arm} − {baseline}, paired over {n} seed{'s' * (n > 1)}"
+          + (f" ({seed_list(seeds)})" if None not in seeds else ""))
+    print(f"  {'metric':12s} {baseline:>18s} {arm:>18s} {arm + ' − ' + baseline + ' [95% interval]':>34s} "
+          f"{'seed spread':>12s}  t test p  sign p")
+    summary, lines, widths = {}, [], []
     for key, label, pattern, claim in METRICS:
         if any(f[baseline].get(key) is None or f[arm].get(key) is None for f in finals):
             continue  # the NITP loss does not exist for an NTP run
         base, ours = ([f[run][key] for f in finals] for run in (baseline, arm))
         delta = [b - a for a, b in zip(base, ours)]
-        (base_mean, base_std), (ours_mean, ours_std), (d_mean, d_std) = map(mean_std, (base, ours, delta))
-        # The seed-to-seed spread: how much the metric moves between seeds (the baseline runs' std) or the delta
-        # does (its std over seeds), whichever is larger. A delta inside it could be the seed, not NITP.
-        spread = None if base_std is None else max(base_std, d_std)
-        beyond = "n/a (one seed)" if spread is None else ("yes" if abs(d_mean) > spread else "no")
-        t_p, sign_p = t_test_p(delta), sign_test_p(delta)
+        (base_mean, base_std), (ours_mean, ours_std) = stats.mean_std(base), stats.mean_std(ours)
+        paired = stats.paired(delta)
+        # The seed spread describes how much the metric moves between seeds (the baseline runs' std) or the delta
+        # does (its std over seeds), whichever is larger. It is not the verdict: the interval is.
+        spread = None if base_std is None else max(base_std, paired["std"])
         print(f"  {label:12s} {plus_minus(base_mean, base_std, pattern):>18s} "
-              f"{plus_minus(ours_mean, ours_std, pattern):>18s} {plus_minus(d_mean, d_std, pattern, signed(pattern)):>17s} "
-              f"{fmt(spread, pattern):>12s}  {beyond:15s}  {fmt(t_p, '{:.3f}'):>10s}  {fmt(sign_p, '{:.3f}'):>6s}")
-        summary[key] = {"baseline": base, "arm": ours, "delta_mean": d_mean, "delta_std": d_std, "spread": spread,
-                        "larger_than_spread": None if spread is None else abs(d_mean) > spread,
-                        "t_test_p": t_p, "sign_test_p": sign_p}
+              f"{plus_minus(ours_mean, ours_std, pattern):>18s} {interval(paired, pattern):>34s} "
+              f"{fmt(spread, pattern):>12s}  {fmt(paired['t_test_p'], '{:.3f}'):>8s}  "
+              f"{fmt(paired['sign_test_p'], '{:.3f}'):>6s}")
+        summary[key] = {"baseline": base, "arm": ours, "delta": delta, **paired, "spread": spread}
         if claim is not None:
-            lines.append(prefix + verdict(label, claim, delta, d_mean, d_std, spread, pattern))
-    print("\nin plain words (the verdict is the seed-spread rule; the p-values are beside it"
-          + (f"; with {n} seeds the sign test cannot go below {2 / 2 ** n:.2f} and the t test has {n - 1} "
-             f"degree{'s' * (n > 2)} of freedom: weak either way):" if n > 1 else "):"))
+            summary[key]["verdict"] = stats.verdict(claim, paired)
+            lines.append(prefix + plain_words(label, claim, paired, pattern, arm))
+            if paired["half_width"] is not None:
+                widths.append(f"{label} ±{fmt(paired['half_width'], pattern)}")
+    print(f"\nin plain words (the verdict follows from the 95% interval of the paired difference over seeds; the "
+          f"validation loss is 'not worse' when the interval lies below the margin +{stats.LOSS_MARGIN:g}, set "
+          f"before the runs):")
     for line in lines:
         print("  " + line)
+    if widths:
+        settles = (f"what {n} seeds can settle: the interval excludes 0 only for a difference larger than its "
+                   f"half-width, here " + ", ".join(widths))
+        print("  " + settles)
+        summary["what the seeds can settle"] = settles
     summary["verdicts"] = lines
     return summary
+
+
+def seed_list(seeds: list[int]) -> str:
+    """"1337-1339" for a run of consecutive seeds, "1337-1339, 2000-2009" for several."""
+    runs = []
+    for seed in seeds:
+        if runs and seed == runs[-1][1] + 1:
+            runs[-1][1] = seed
+        else:
+            runs.append([seed, seed])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -219,11 +204,10 @@ def plot(out_dir: Path, seeds: list[int], nitp_layer: int, summary: dict, costs:
     ax.legend(fontsize=8, loc="lower right")
     titles = []
     for name, part in summary.items():
-        deltas = [f"{label} {plus_minus(part[key]['delta_mean'], part[key]['delta_std'], pattern, signed(pattern))}"
-                  + ("" if not part[key]["spread"] else f" ({abs(part[key]['delta_mean']) / part[key]['spread']:.1f}× spread)")
+        deltas = [f"{label} {interval(part[key], pattern)}"
                   for key in ("erank", "anisotropy", "val_lm") for k, label, pattern, _ in METRICS if k == key]
         titles.append(f"{name}: " + "; ".join(deltas))
-    fig.suptitle(f"NITP − NTP at the end, {len(seeds)} seed{'s' * (len(seeds) > 1)}. " + "\n".join(titles),
+    fig.suptitle(f"NITP − NTP at the end [95% interval], {len(seeds)} seed{'s' * (len(seeds) > 1)}. " + "\n".join(titles),
                  fontsize=10 if len(titles) > 1 else 11)
     fig.tight_layout()
     fig.savefig(out_dir / "compare.png", dpi=80)
@@ -301,8 +285,8 @@ def compare(args: argparse.Namespace, on_eval=None) -> None:
         finals.append({})
         for name in models:  # ms/iter over the whole run (an eval record holds only the steps since the last)
             ms = [r["ms"] for r in read_metrics(out_dir / f"seed{seed}-{slug(name)}") if not r.get("eval")]
-            finals[-1][name] = {**results[name][-1], **rows.get(name, {}), "ms_per_iter": statistics.mean(ms),
-                                "train_s": sum(ms) / 1000}
+            finals[-1][name] = {"seed": seed, **results[name][-1], **rows.get(name, {}),
+                                "ms_per_iter": statistics.mean(ms), "train_s": sum(ms) / 1000}
     summary = {"at equal steps": summarize(finals, prefix="at equal steps: " if args.equal_compute else "")}
     costs = {"NTP": 1.0, "NITP": 1 + nitp_overhead(args)}
     if args.equal_compute:
@@ -337,3 +321,63 @@ def print_wall_clock(finals: list[dict], costs: dict[str, float]) -> None:
         seconds = statistics.mean(f[name]["train_s"] for f in finals)
         print(f"  {name:20s} {steps:6.0f} steps x {costs[name]:.3f} NTP steps of FLOPs = {steps * costs[name]:6.0f}"
               f" | {seconds:6.1f} s")
+
+
+# Flags that do not change what a run trains or how it is measured: invocations that differ only in these pool.
+NOT_TRAINING = {"seed", "seeds", "out_dir", "compare", "equal_compute", "ablations", "probe", "resume", "device",
+                "compile", "deterministic", "log_interval", "eval_interval"}
+
+
+def pool(dirs: list[str], out_dir: str) -> dict:
+    """One summary over the seeds of several --compare (or --ablations) invocations, read from the compare.json in
+    each of `dirs`: NITP − NTP always, and each comparison that all of them ran. They must have trained the same
+    setting, on different seeds. Writes OUT_DIR/pooled.json. Raises ValueError with what to do."""
+    results = []
+    for folder in dirs:
+        path = Path(folder) / "compare.json"
+        try:
+            results.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {path} ({type(e).__name__}); pass the --out-dir of a finished "
+                             f"--compare or --ablations") from None
+    settings = results[0]["args"]
+    for folder, result in zip(dirs, results):
+        for name in sorted(set(settings) | set(result["args"]) - NOT_TRAINING):
+            if name not in NOT_TRAINING and result["args"].get(name) != settings.get(name):
+                raise ValueError(f"{folder} trained with --{name.replace('_', '-')} {result['args'].get(name)}, "
+                                 f"{dirs[0]} with {settings.get(name)}: only runs of one setting pool")
+    seeds = [seed for result in results for seed in result["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        twice = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        raise ValueError(f"seed{'s' * (len(twice) > 1)} {', '.join(map(str, twice))} appear{'s' * (len(twice) == 1)} "
+                         f"in more than one of these folders: pool each seed once")
+    finals = [{name: {"seed": seed, **record} for name, record in final.items()}  # older files lack "seed"
+              for result in results for seed, final in zip(result["seeds"], result["finals"])]
+    print(f"pooled: {len(seeds)} seeds from {len(dirs)} invocations: "
+          + "; ".join(f"{folder} ({len(result['seeds'])})" for folder, result in zip(dirs, results)))
+    pooled = {"dirs": dirs, "seeds": seeds, "summary": summarize(finals)}
+    if all("NTP, equal compute" in final for final in finals):
+        pooled["summary_equal_compute"] = summarize(finals, baseline="NTP, equal compute", prefix="at equal compute: ")
+    if all(result.get("ablations") for result in results):
+        pooled["ablations"] = ablations.report(finals, seeds, Path(out_dir))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "pooled.json").write_text(json.dumps({**pooled, "finals": finals, "args": settings}, indent=1))
+    print(f"pooled summary: {Path(out_dir) / 'pooled.json'}")
+    return pooled
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = OneLineParser(prog="compare.py", description="Pool the seeds of several finished comparisons into one summary.")
+    parser.add_argument("--pool", nargs="+", required=True, metavar="OUT_DIR",
+                        help="the --out-dir of each --compare (or --ablations) invocation to pool")
+    parser.add_argument("--out-dir", default="out", help="where pooled.json goes")
+    args = parser.parse_args(argv)
+    try:
+        check_out_dir(args.out_dir)
+        pool(args.pool, args.out_dir)
+    except ValueError as e:
+        fail(str(e), program="compare.py")
+
+
+if __name__ == "__main__":
+    main()

@@ -140,9 +140,9 @@ def parse_args(argv: list[str] | None = None, saved: dict | None = None,
     return args
 
 
-def fail(message: str, status: int = 2) -> None:
+def fail(message: str, status: int = 2, program: str = "train.py") -> None:
     """A user error (status 2) or a diverged run (3): one line that says what to do, and a non-zero exit."""
-    say(f"train.py: error: {message}")
+    say(f"{program}: error: {message}")
     sys.exit(status)
 
 

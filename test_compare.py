@@ -11,6 +11,7 @@ import compare
 import evaluate
 import flags
 import probe
+import stats
 import train
 from conftest import TINY, exact, read_metrics, same, tiny_model
 from model import GPT
@@ -58,26 +59,106 @@ def test_compare_with_seeds_writes_its_summary(device, tmp_path, capsys):
     assert result["seeds"] == [1337, 1338]
     assert {"val_lm", "erank", "anisotropy", "ms_per_iter"} <= set(result["summary"])
     erank = result["summary"]["erank"]
-    assert erank["delta_std"] is not None and isinstance(erank["larger_than_spread"], bool)
-    assert erank["delta_mean"] == pytest.approx(np.mean(np.array(erank["arm"]) - np.array(erank["baseline"])))
+    assert erank["std"] is not None and erank["verdict"] in ("as the paper says", "the opposite", "not settled by 2 seeds")
+    assert erank["mean"] == pytest.approx(np.mean(np.array(erank["arm"]) - np.array(erank["baseline"])))
+    low, high = erank["ci"]
+    assert low < erank["mean"] < high and erank["half_width"] == pytest.approx((high - low) / 2)
     printed = capsys.readouterr().out
-    assert "summary" in printed and "eff. rank: NITP higher in" in printed and "time:" in printed
+    assert "summary" in printed and "(1337-1338)" in printed and "time:" in printed
+    assert f"eff. rank: {compare.interval(erank, '{:.2f}')}, NITP higher in" in printed
+    assert "what 2 seeds can settle: the interval excludes 0 only for a difference larger than" in printed
     assert set(result["seconds"]) >= {"training steps", "evaluations", "probes"}
     # Only the comparison's own runs: no third, stray training run in OUT_DIR itself.
     made = {p.name for p in tmp_path.iterdir()}
     assert made - {"compare.png"} == {"seed1337-ntp", "seed1337-nitp", "seed1338-ntp", "seed1338-nitp", "compare.json"}
 
 
-def test_the_summary_says_each_claim_in_plain_words():
-    """A verdict names the direction and how many seeds agree, the size against the seed spread, and whether
-    the paper's claim shows."""
-    assert compare.verdict("eff. rank", "higher", [1.2, 1.3, 1.4], 1.3, 0.1, 0.26, "{:.2f}") == \
-        "eff. rank: NITP higher in 3 of 3 seeds, +1.30 ± 0.10, 5.0× the seed spread: as the paper says"
-    assert compare.verdict("anisotropy", "lower", [0.005, -0.003, -0.01], -0.003, 0.009, 0.009, "{:.4f}").endswith(
-        "NITP lower in 2 of 3 seeds, -0.0030 ± 0.0090, within the seed spread (0.0090): not shown here")
-    assert compare.verdict("val loss", "not worse", [0.01, 0.0, 0.02], 0.01, 0.01, 0.008, "{:.3f}").endswith(
-        "1.2× the seed spread: NITP WORSE")
-    assert compare.verdict("val loss", "not worse", [0.01, -0.02], -0.005, 0.02, 0.001, "{:.3f}").endswith(": NITP not worse")
+def test_the_verdict_follows_from_the_interval():
+    """The paper's direction excluded from 0: as the paper says; the other way: the opposite; 0 inside: not settled.
+    The loss is 'not worse' only when the whole interval lies below the margin, and a harm is said even then."""
+    def say(claim, low, high, n=5):
+        return stats.verdict(claim, {"n": n, "ci": [low, high]}, margin=0.01)
+
+    assert say("higher", 0.2, 1.0) == say("lower", -1.0, -0.2) == "as the paper says"
+    assert say("higher", -1.0, -0.2) == say("lower", 0.2, 1.0) == "the opposite"
+    assert say("higher", -0.1, 1.0, n=3) == say("lower", -1.0, 0.1, n=3) == "not settled by 3 seeds"
+    assert say("not worse", -0.004, 0.008) == "not worse by more than the margin (+0.01): as the paper says"
+    assert say("not worse", 0.002, 0.009).endswith("the interval excludes 0: NITP is worse, by less than the margin")
+    assert say("not worse", -0.02, -0.001).endswith("and better: the interval lies below 0")
+    assert say("not worse", -0.004, 0.012) == "not settled by 5 seeds: the interval reaches past the margin (+0.01)"
+    assert say("not worse", 0.001, 0.012).endswith("; it excludes 0: NITP is worse")
+    assert say("not worse", 0.011, 0.03) == "worse by more than the margin (+0.01): the opposite"
+    assert stats.verdict("higher", stats.paired([1.0])) == "one seed: no interval, no verdict"
+
+
+def test_the_19_earlier_seeds_give_the_interval_the_issue_computed():
+    """The validation-loss differences NITP − NTP of the 19 fresh classroom seeds that RESULTS.md printed before
+    the verdict became a test (1337-1339, 2000-2009, 4000-4002, 6000-6002), paired: mean +0.0060, 95% interval
+    [+0.0006, +0.0114] (scipy.stats.t.interval gives the same), t test p 0.031, worse in 13 of 19."""
+    deltas = [0.0129, -0.0082, 0.0034, 0.0062, -0.0010, 0.0203, -0.0082, 0.0173, -0.0176, 0.0175, 0.0050, 0.0200,
+              0.0067, -0.0069, 0.0075, -0.0048, 0.0157, 0.0150, 0.0132]
+    paired = stats.paired(deltas)
+    assert paired["mean"] == pytest.approx(0.0060, abs=1e-12)
+    assert paired["ci"] == pytest.approx([0.00062588, 0.01137412], abs=1e-8)
+    assert paired["t_test_p"] == pytest.approx(0.030654, abs=1e-6) and (paired["higher"], paired["lower"]) == (13, 6)
+    assert stats.verdict("not worse", paired).startswith("not settled by 19 seeds")
+
+
+def test_student_t_matches_the_textbook_table():
+    """The 97.5% quantiles of Student's t that the 95% interval uses, from the printed tables (and scipy's, where
+    scipy is installed)."""
+    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 18: 2.1009, 30: 2.0423, 42: 2.0181, 100: 1.9840}
+    for df, t in table.items():
+        assert stats.t_critical(df) == pytest.approx(t, abs=1e-4), df
+    try:
+        from scipy.stats import t as student
+    except ImportError:
+        return
+    for df in (1, 2, 3, 7, 18, 41, 64, 200):
+        assert stats.t_critical(df) == pytest.approx(student.ppf(0.975, df), rel=1e-9), df
+        assert stats.t_two_sided_p(1.7, df) == pytest.approx(2 * student.sf(1.7, df), rel=1e-9), df
+
+
+def test_seeds_to_settle_is_the_usual_sample_size():
+    """n ≈ ((1.96 + 0.84) · std / mean)²: a difference of half its std needs 32 seeds for 80% power."""
+    assert stats.seeds_to_settle(0.5, 1.0) == 32 and stats.seeds_to_settle(0.006, 0.0112) == 28
+    assert stats.seeds_to_settle(1.0, None) is None and stats.seeds_to_settle(10.0, 1.0) == 2
+
+
+def test_pooling_two_invocations_equals_one_invocation_over_all_their_seeds(device, tmp_path, capsys):
+    """compare.py --pool reads the compare.json of separate invocations and summarizes all their seeds as one
+    invocation over the same seeds would."""
+    common = TINY + exact(device) + ["--compare", "--max-iters", "3", "--eval-interval", "3"]
+    train.main(common + ["--seeds", "2", "--out-dir", str(tmp_path / "both")])
+    train.main(common + ["--seeds", "1", "--out-dir", str(tmp_path / "first")])
+    train.main(common + ["--seed", "1338", "--seeds", "1", "--out-dir", str(tmp_path / "second")])
+    compare.main(["--pool", str(tmp_path / "first"), str(tmp_path / "second"), "--out-dir", str(tmp_path / "pooled")])
+    pooled = json.loads((tmp_path / "pooled" / "pooled.json").read_text())
+    both = json.loads((tmp_path / "both" / "compare.json").read_text())
+    assert pooled["seeds"] == both["seeds"] == [1337, 1338]
+    for key in ("val_lm", "erank", "anisotropy"):
+        assert same(pooled["summary"][key]["delta"], both["summary"][key]["delta"], device), key
+    assert "pooled: 2 seeds from 2 invocations" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["another setting", "a seed twice", "no compare.json"])
+def test_pooling_refuses_what_does_not_pool_with_one_line(case, tmp_path, capsys):
+    """Invocations of different settings, a seed counted twice, or a folder without a finished comparison: one
+    line that says what to do, exit status 2, and no pooled.json."""
+    common = TINY + ["--compare", "--seeds", "1", "--max-iters", "2", "--eval-interval", "2"]
+    train.main(common + ["--out-dir", str(tmp_path / "a")])
+    second = {"another setting": common + ["--seed", "7", "--learning-rate", "1e-3"], "a seed twice": common,
+              "no compare.json": None}[case]
+    if second is not None:
+        train.main(second + ["--out-dir", str(tmp_path / "b")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--pool", str(tmp_path / "a"), str(tmp_path / "b"), "--out-dir", str(tmp_path / "pooled")])
+    err = capsys.readouterr().err
+    expected = {"another setting": "trained with --learning-rate 0.001", "a seed twice": "seed 1337 appears in more",
+                "no compare.json": "cannot read"}[case]
+    assert exit_info.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "pooled" / "pooled.json").exists()
 
 
 def test_compare_runs_three_seeds_of_train_pys_own_defaults():
@@ -213,10 +294,11 @@ def test_paired_statistics_give_the_textbook_answers():
         deltas = [1.0 + (-1) ** i * 0.5 for i in range(n)]  # any sample: rescale it to the wanted t
         mean, std = np.mean(deltas), np.std(deltas, ddof=1)
         deltas = [d - mean + t * std / np.sqrt(n) for d in deltas]
-        assert compare.t_test_p(deltas) == pytest.approx(0.05, abs=2e-4), df
-    assert compare.t_test_p([0.1]) is None and compare.t_test_p([0.1, 0.1]) == 0.0
-    assert compare.sign_test_p([1, 2, 3]) == 0.25 and compare.sign_test_p([1] * 5) == 0.0625
-    assert compare.sign_test_p([1, 1, 1, 1, -1]) == 0.375 and compare.sign_test_p([1, -1]) == 1.0
+        assert stats.t_test_p(deltas) == pytest.approx(0.05, abs=2e-4), df
+        assert stats.paired(deltas)["ci"][0] == pytest.approx(0.0, abs=1e-3 * std), df  # the interval just reaches 0
+    assert stats.t_test_p([0.1]) is None and stats.t_test_p([0.1, 0.1]) == 0.0
+    assert stats.sign_test_p([1, 2, 3]) == 0.25 and stats.sign_test_p([1] * 5) == 0.0625
+    assert stats.sign_test_p([1, 1, 1, 1, -1]) == 0.375 and stats.sign_test_p([1, -1]) == 1.0
 
 
 def test_equal_compute_trains_ntp_for_nitps_flops_on_the_same_batches(device, tmp_path, capsys):
@@ -254,8 +336,16 @@ def test_the_ablation_table_runs_every_switch_beside_the_papers_numbers(device, 
     table = json.loads((tmp_path / "ablations.json").read_text())["table"]
     assert list(table) == ["NITP", *ablations.ABLATIONS]
     assert all(len(row["erank"]["delta"]) == 2 and row["erank"]["t_test_p"] is not None for row in table.values())
+    # each ablation against NITP itself, paired by seed: the difference of the two differences to NTP
+    for name in ablations.ABLATIONS:
+        against = table[name]["erank"]["vs_nitp"]
+        assert against["delta"] == pytest.approx([a - b for a, b in zip(table[name]["erank"]["delta"],
+                                                                       table["NITP"]["erank"]["delta"])])
+        assert against["ci"][0] <= against["mean"] <= against["ci"][1]
+    assert "vs_nitp" not in table["NITP"]["erank"]
     printed = capsys.readouterr().out
-    assert "ablations: final evaluation" in printed and "18.23" in printed and "23.58" in printed
+    assert "ablations: final evaluation, run − NTP" in printed and "18.23" in printed and "23.58" in printed
+    assert "ablations: final evaluation, ablation − NITP" in printed
     args = json.loads((tmp_path / "seed1337-start-half-way" / "metrics.jsonl").read_text().splitlines()[1])
     assert args["step"] == 1 and "nitp" not in args  # NITP switched on at step 1 of 2, not before
     assert torch.load(tmp_path / "seed1338-no-head" / "ckpt.pt", weights_only=True)["args"]["nitp_head"] == "none"
