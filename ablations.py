@@ -1,4 +1,4 @@
-"""The paper's ablation table at toy scale: `python train.py --ablations [--seeds N]`.
+"""The paper's ablation table at toy scale: `python ablations.py [--seeds N] [train.py's flags]`.
 
 Every run of one seed starts from the same weights and sees the same batches (compare.py runs them): NTP, NITP,
 and NITP with one piece changed. The table gives each run's final difference to NTP, paired by seed, as a mean
@@ -10,14 +10,19 @@ equal.
 One ablation the paper may report we do not have: a cosine regularizer on h that predicts nothing. We could not
 read from the paper what exactly it was (which pairs, which sign, which weight), so it is left out.
 
-Writes OUT_DIR/ablations.json and, with matplotlib, OUT_DIR/ablations.png.
+Writes OUT_DIR/seed<S>-<run>/ for every run, OUT_DIR/compare.json (the runs' final evaluations, as compare.py
+writes it), OUT_DIR/ablations.json and, with matplotlib, OUT_DIR/ablations.png.
 """
+import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import compare
 import stats
+import train
+from flags import check_out_dir, fail
 
 # name: (the flags that make the run, from the command line's; the paper's average score for it, or a note)
 ABLATIONS = {
@@ -32,6 +37,12 @@ ABLATIONS = {
     "start half-way": (lambda args: {"nitp_start": args.max_iters // 2}, "worse than NITP"),
     "λ = 1.4": (lambda args: {"nitp_lambda": 1.4}, "below NTP"),
 }
+def changes(args: argparse.Namespace) -> dict[str, dict]:
+    """The runs of one seed, as changes to train.py's flags: NTP, NITP, and NITP with each ablation switch."""
+    return {"NTP": {"nitp": False}, "NITP": {"nitp": True},
+            **{name: {"nitp": True, **switch(args)} for name, (switch, _) in ABLATIONS.items()}}
+
+
 PAPER = {"NTP": 21.10, "NITP": 23.58, **{name: paper for name, (_, paper) in ABLATIONS.items()}}
 COLUMNS = [("val_lm", "val loss", "{:.4f}"), ("erank", "eff. rank", "{:.2f}"), ("anisotropy", "anisotropy", "{:.4f}")]
 
@@ -96,3 +107,31 @@ def plot(table: dict, n_seeds: int, out_dir: Path) -> None:
     fig.tight_layout()
     fig.savefig(out_dir / "ablations.png", dpi=80)
     print(f"plot: {out_dir / 'ablations.png'}")
+
+
+def ablations(args: argparse.Namespace) -> None:
+    """Train every run for args.seeds seeds; the summary of NITP − NTP, the table, the plot, compare.json."""
+    started = time.perf_counter()
+    finals, _, _ = compare.train_seeds(args, changes(args), probe_them=False)
+    summary = compare.summarize(finals)
+    t0 = time.perf_counter()
+    table = report(finals, [final["NTP"]["seed"] for final in finals], Path(args.out_dir))
+    seconds = compare.account(args, finals, started, plot=time.perf_counter() - t0)
+    compare.save(args, finals, summary=summary, ablations=table, seconds=seconds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = compare.make_experiment_parser("The paper's ablation table: NTP, NITP and NITP with each ablation "
+                                            "switch, over seeds.", "ablations.py")
+    args = compare.parse_args(argv, parser)
+    try:
+        check_out_dir(args.out_dir)
+        for settings in compare.arms(args, args.seed, changes(args)).values():  # every run checked before the first
+            train.check(settings)
+    except ValueError as e:
+        fail(str(e), program="ablations.py")
+    compare.run_or_exit(ablations, args, "ablations.py")
+
+
+if __name__ == "__main__":
+    main()

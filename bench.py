@@ -57,7 +57,7 @@ def sync(device: torch.device) -> None:
 # Flags bench.py refuses: they set a run's length, evaluation and output, or the MoE shape that its own variants
 # set. Every other flag of train.py reaches the timed runs, as it would reach a training run.
 REFUSED = ("n_expert", "top_k", "max_iters", "warmup_iters", "eval_interval", "eval_iters", "log_interval",
-           "out_dir", "resume", "compare", "equal_compute", "ablations", "seeds", "probe")
+           "out_dir", "resume")
 VARIANTS = {  # name: (n_expert, top_k, NITP on)
     "NTP (dense)": (1, 1, False), "NITP (dense)": (1, 1, True),
     "NTP, MoE E=8 k=1": (8, 1, False), "NTP, MoE E=8 k=2": (8, 2, False), "NTP, MoE E=16 k=2": (16, 2, False),

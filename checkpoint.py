@@ -21,7 +21,7 @@ REQUIRED = {"step", "model", "nitp", "optimizer", "args", "rng"}  # what restore
 # Flags that a resumed run may change: how long, where or how fast it trains, not what it trains.
 RESUMABLE = {"max_iters", "eval_interval", "eval_iters", "log_interval", "device", "dtype", "compile", "deterministic"}
 # Flags that say what to do now, not how the run was trained: never taken from a checkpoint.
-NOT_SAVED = {"resume", "probe", "compare", "equal_compute", "ablations", "seeds", "out_dir"}
+NOT_SAVED = {"resume", "out_dir"}
 
 
 def atomic_write(path: Path, write) -> None:
@@ -60,7 +60,7 @@ def save(path: Path, run) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# In: --resume (and --probe, which reads a run's weights)
+# In: --resume (and probe.py, which reads a run's weights)
 
 def load(out_dir: str) -> dict:
     """The checkpoint in out_dir, checked to be one of ours. Raises ValueError with what to do."""
@@ -78,9 +78,10 @@ def load(out_dir: str) -> dict:
 
 
 def check_flags(saved: dict, args) -> None:
-    """A flag given with --resume may change only the RESUMABLE settings. Raises ValueError."""
+    """A flag given with --resume may change only the RESUMABLE settings. Raises ValueError. (Names that this
+    train.py does not know, from a checkpoint of an older version, are skipped.)"""
     for name, value in saved.items():
-        if name not in RESUMABLE and name not in NOT_SAVED and getattr(args, name) != value:
+        if name not in RESUMABLE | NOT_SAVED and hasattr(args, name) and getattr(args, name) != value:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"the checkpoint in {args.out_dir} was trained with {flag} {value}, not "
                              f"{getattr(args, name)}; drop {flag} to resume, or use a new --out-dir")

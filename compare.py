@@ -25,29 +25,30 @@ matplotlib is installed.
 """
 import argparse
 import json
-import math
+import os
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-import ablations
 import probe
 import stats
 import train
-from data import get_tokenizer, labelled_sections
+from data import get_tokenizer
 from evaluate import flops_per_token
-from flags import OneLineParser, check_out_dir, fail
+from flags import check_out_dir, fail, make_parser, say
+from flags import parse_args as flags_parse_args
 from model import GPT
-from nitp import NITP
+from nitp import NITP, NITPConfig, target_layer
 
 # key in the eval records, label, format, and which direction the paper says NITP moves it (None: no claim)
 METRICS = [("val_lm", "val loss", "{:.4f}", "not worse"), ("val_nitp", "NITP loss", "{:.4f}", None),
            ("erank", "eff. rank", "{:.2f}", "higher"), ("anisotropy", "anisotropy", "{:.4f}", "lower"),
-           ("ms_per_iter", "ms/iter", "{:.0f}", None), ("probe_acc", "probe acc", "{:.3f}", "higher"),
-           ("retrieval_recall@1", "recall@1", "{:.3f}", "higher"), ("retrieval_mrr", "MRR", "{:.3f}", "higher")]
+           ("probe_mean", "probe score", "{:.4f}", "higher"), ("ms_per_iter", "ms/iter", "{:.0f}", None)]
 
 
 def fmt(value, pattern: str) -> str:
@@ -121,6 +122,20 @@ def summarize(finals: list[dict], arm: str = "NITP", baseline: str = "NTP", pref
             lines.append(prefix + plain_words(label, claim, paired, pattern, arm))
             if paired["half_width"] is not None:
                 widths.append(f"{label} ±{fmt(paired['half_width'], pattern)}")
+    targets = [name for name in probe.TARGETS if all(f[run].get(f"probe:{name}") is not None
+                                                      for f in finals for run in (arm, baseline))]
+    if targets:  # each probe target: the balanced accuracy of the final hidden state's probe
+        print(f"  frozen-state probes, balanced accuracy, {arm} − {baseline} [95% interval]:")
+        summary["probes"] = {}
+        for name in targets:
+            delta = [f[arm][f"probe:{name}"] - f[baseline][f"probe:{name}"] for f in finals]
+            paired = stats.paired(delta)
+            summary["probes"][name] = {"delta": delta, **paired, "verdict": stats.verdict("higher", paired)}
+            print(f"    {name:10s} {interval(paired, '{:.4f}'):>34s}  {summary['probes'][name]['verdict']}")
+        counts = [sum(p["verdict"] == words for p in summary["probes"].values())
+                  for words in ("as the paper says", "the opposite")]
+        lines.append(prefix + f"probe targets, one by one: {arm} higher on {counts[0]} of {len(targets)}, lower on "
+                     f"{counts[1]} (intervals that exclude 0), not settled on the rest")
     print(f"\nin plain words (the verdict follows from the 95% interval of the paired difference over seeds; the "
           f"validation loss is 'not worse' when the interval lies below the margin +{stats.LOSS_MARGIN:g}, set "
           f"before the runs):")
@@ -219,13 +234,30 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", name.lower().replace("λ", "lambda")).strip("-")
 
 
-def nitp_overhead(args: argparse.Namespace) -> float:
-    """NITP's extra training FLOPs per token, as a fraction of NTP's, counted like bench.py (on the meta device:
-    no memory, no arithmetic)."""
+def flops(args: argparse.Namespace, nitp: bool) -> float:
+    """Training FLOPs per token of the run that args describe, with or without its NITP head, counted like
+    bench.py (on the meta device: no memory, no arithmetic)."""
     with torch.device("meta"):
         model = GPT(train.model_config(args, get_tokenizer(args.tokenizer).n_vocab))
-        nitp = NITP(train.nitp_config(argparse.Namespace(**{**vars(args), "nitp": True})), args.n_layer, args.n_embd)
-    return flops_per_token(model, nitp) / flops_per_token(model, None) - 1
+        head = NITP(train.nitp_config(argparse.Namespace(**{**vars(args), "nitp": True})), args.n_layer,
+                    args.n_embd) if nitp else None
+    return flops_per_token(model, head)
+
+
+def nitp_overhead(args: argparse.Namespace) -> float:
+    """NITP's extra training FLOPs per token, as a fraction of NTP's."""
+    return flops(args, nitp=True) / flops(args, nitp=False) - 1
+
+
+# The paper's NITP head costs +2.3% training FLOPs at 9B parameters; on the 4-block classroom model the same
+# d -> 4d -> d head costs +22%. --paper-overhead sizes the SwiGLU head's hidden width to the paper's share.
+PAPER_OVERHEAD = 0.023
+
+
+def paper_head_width(args: argparse.Namespace) -> int:
+    """The SwiGLU hidden width w whose head (3·d·w weights, 6 FLOPs per weight and token) adds PAPER_OVERHEAD to
+    NTP's training FLOPs: 53 on the classroom model (d = 128), against the method's 4d = 512."""
+    return max(1, round(PAPER_OVERHEAD * flops(args, nitp=False) / (6 * 3 * args.n_embd)))
 
 
 def stretched(args: argparse.Namespace, factor: float) -> dict:
@@ -234,35 +266,44 @@ def stretched(args: argparse.Namespace, factor: float) -> dict:
     return {name: max(1, round(getattr(args, name) * factor)) for name in names}
 
 
-def arms(args: argparse.Namespace, seed: int) -> dict[str, argparse.Namespace]:
-    """The settings of one seed's runs, by name: train.py's own, with NITP off and on; NTP for NITP's compute
-    with --equal-compute; each ablation with --ablations. Each run has its own folder in OUT_DIR."""
+def arm_changes(args: argparse.Namespace) -> dict[str, dict]:
+    """The runs of one seed, by name, as changes to train.py's flags: NTP and NITP; with --equal-compute, NTP for
+    NITP's FLOPs; with --paper-overhead, NITP with a head of the paper's relative cost, NTP for that run's FLOPs,
+    and NTP with one more block (a block holds 12d² weights, as the full head does: equal FLOPs and equal data)."""
     changes = {"NTP": {"nitp": False}, "NITP": {"nitp": True}}
     if args.equal_compute:
         changes["NTP, equal compute"] = {"nitp": False, **stretched(args, 1 + nitp_overhead(args))}
-    if args.ablations:
-        changes.update({name: {"nitp": True, **flags(args)} for name, (flags, _) in ablations.ABLATIONS.items()})
-    common = {**vars(args), "seed": seed, "compare": False, "equal_compute": False, "ablations": False}
-    folder = Path(args.out_dir)
-    return {name: argparse.Namespace(**{**common, **change, "out_dir": str(folder / f"seed{seed}-{slug(name)}")})
+    if args.paper_overhead:
+        small = {"nitp": True, "nitp_head_width": paper_head_width(args)}
+        small_overhead = flops(argparse.Namespace(**{**vars(args), **small}), nitp=True) / flops(args, nitp=False) - 1
+        changes["NITP, small head"] = small
+        changes["NTP, small head's compute"] = {"nitp": False, **stretched(args, 1 + small_overhead)}
+        changes["NTP, one more block"] = {"nitp": False, "n_layer": args.n_layer + 1}
+    return changes
+
+
+def arms(args: argparse.Namespace, seed: int, changes: dict[str, dict]) -> dict[str, argparse.Namespace]:
+    """Each run's own train.py settings (the experiment's flags left out), in its own folder OUT_DIR/seed<S>-<name>."""
+    own = {name: value for name, value in vars(args).items() if name in TRAIN_FLAGS}
+    return {name: argparse.Namespace(**{**own, "seed": seed, **change,
+                                        "out_dir": str(Path(args.out_dir) / f"seed{seed}-{slug(name)}")})
             for name, change in changes.items()}
 
 
-def compare(args: argparse.Namespace, on_eval=None) -> None:
-    """Train every run of arms() for args.seeds seeds starting at args.seed; summarize, plot, save.
-    on_eval(name, seed, record), if given, sees each evaluation as it happens (the notebook draws them)."""
-    started = time.perf_counter()
-    out_dir = Path(args.out_dir)
+def train_seeds(args: argparse.Namespace, changes: dict[str, dict], probe_them: bool, on_eval=None) -> tuple:
+    """Train every run of every seed, from args.seed on. Returns the final evaluation of each (per seed, by run
+    name: the finals), the probe baselines and the seconds spent probing. on_eval(name, seed, record), if given,
+    sees each evaluation as it happens (the notebook draws them)."""
     seeds = list(range(args.seed, args.seed + args.seeds))
-    finals, baselines, probe_s = [], [], 0.0
+    finals, baselines, probe_s, probes = [], [], 0.0, None
     for seed in seeds:
         results, models = {}, {}
-        for name, settings in arms(args, seed).items():
+        for name, settings in arms(args, seed, changes).items():
             print(f"\n=== seed {seed}: {name} ===")
             ntp_by_step = {r["step"]: r for r in results.get("NTP", [])}
 
             def show(record: dict) -> None:  # called by train() during this run only
-                if name == "NITP":
+                if name == "NITP" and record["step"] in ntp_by_step:
                     print_side_by_side(ntp_by_step[record["step"]], record)
                 if on_eval is not None:
                     on_eval(name, seed, record)
@@ -271,46 +312,73 @@ def compare(args: argparse.Namespace, on_eval=None) -> None:
                 torch._dynamo.reset()
             run = train.setup(settings)
             results[name], models[name] = train.train(run, on_eval=show, sample=False), run.model
-            if name == "NITP":
-                nitp_layer = run.nitp.layer
         rows = {}
-        if not args.ablations:  # the frozen-representation tasks (probe.py) on each final model, with baselines
-            print(f"\n=== seed {seed}: frozen representations ===")
+        if probe_them:  # probe.py's frozen-state probes on each final model, and the baselines for this seed
+            print(f"\n=== seed {seed}: frozen-state probes ===")
             t0 = time.perf_counter()
-            sections = labelled_sections(args.data, run.dataset.tokenizer)
-            # the baselines (a random network, a bag of tokens) tell the same story for every seed: once is enough
-            rows = probe.report(models, sections, args.block_size, seed, baselines=seed == seeds[0])
+            probes = probes or probe.Probes(np.asarray(run.dataset.val), args.block_size)
+            scores = {name: probes.of_model(model, depth=args.probe_depth) for name, model in models.items()}
+            baselines.append(probes.baselines(models["NTP"], seed))
+            probe.print_table({**scores, **baselines[-1]}, probe.chance(probes))
+            rows = {name: flat(score) for name, score in scores.items()}
             probe_s += time.perf_counter() - t0
-            baselines.append({k: v for k, v in rows.items() if k not in models})
         finals.append({})
         for name in models:  # ms/iter over the whole run (an eval record holds only the steps since the last)
-            ms = [r["ms"] for r in read_metrics(out_dir / f"seed{seed}-{slug(name)}") if not r.get("eval")]
+            ms = [r["ms"] for r in read_metrics(Path(args.out_dir) / f"seed{seed}-{slug(name)}") if not r.get("eval")]
             finals[-1][name] = {"seed": seed, **results[name][-1], **rows.get(name, {}),
                                 "ms_per_iter": statistics.mean(ms), "train_s": sum(ms) / 1000}
-    summary = {"at equal steps": summarize(finals, prefix="at equal steps: " if args.equal_compute else "")}
+    return finals, baselines, probe_s
+
+
+def flat(scores: dict) -> dict:
+    """A model's probe scores (Probes.of_model) as keys of its final record: probe:<target> for each target."""
+    return {"probe_mean": scores["probe_mean"], **{f"probe:{name}": v for name, v in scores["probe"].items()},
+            **({"probe_by_layer": scores["probe_by_layer"]} if "probe_by_layer" in scores else {})}
+
+
+def account(args: argparse.Namespace, finals: list[dict], started: float, **seconds: float) -> dict:
+    """Where the time went: training steps and evaluations from the runs' own logs, the rest (given, or left
+    over) measured by the caller. Printed, and returned for compare.json."""
+    records = [r for final in finals for name in final
+               for r in read_metrics(Path(args.out_dir) / f"seed{final[name]['seed']}-{slug(name)}")]
+    seconds = {"training steps": sum(r["ms"] for r in records if not r.get("eval")) / 1000,
+               "evaluations": sum(r["eval_s"] for r in records if r.get("eval")), **seconds}
+    seconds["other (set-up, checkpoints, summary)"] = time.perf_counter() - started - sum(seconds.values())
+    total = sum(seconds.values())
+    print(f"time: {total:.0f} s = " + ", ".join(f"{k} {v:.1f} s ({v / total:.0%})" for k, v in seconds.items()))
+    return seconds
+
+
+def save(args: argparse.Namespace, finals: list[dict], **results) -> None:
+    """OUT_DIR/compare.json: every run's final evaluation, the summaries, the settings; what --pool reads."""
+    path = Path(args.out_dir) / "compare.json"
+    seeds = [final["NTP"]["seed"] for final in finals]
+    path.write_text(json.dumps({"seeds": seeds, **results, "finals": finals, "args": vars(args)}, indent=1))
+    print(f"summary: {path}")
+
+
+def compare(args: argparse.Namespace, on_eval=None) -> None:
+    """Train every run of arm_changes() for args.seeds seeds starting at args.seed; probe, summarize, plot, save."""
+    started = time.perf_counter()
+    changes = arm_changes(args)
+    finals, baselines, probe_s = train_seeds(args, changes, probe_them=True, on_eval=on_eval)
+    summary = {"at equal steps": summarize(finals, prefix="at equal steps: " if len(changes) > 2 else "")}
     costs = {"NTP": 1.0, "NITP": 1 + nitp_overhead(args)}
     if args.equal_compute:
         summary["at equal compute"] = summarize(finals, baseline="NTP, equal compute", prefix="at equal compute: ")
         costs["NTP, equal compute"] = 1.0
         print_wall_clock(finals, costs)
+    if args.paper_overhead:
+        for arm, baseline, words in (("NITP, small head", "NTP", "small head, at equal steps"),
+                                     ("NITP, small head", "NTP, small head's compute", "small head, at equal compute"),
+                                     ("NITP", "NTP, one more block", "full head against one more block")):
+            summary[words] = summarize(finals, arm=arm, baseline=baseline, prefix=f"{words}: ")
     t0 = time.perf_counter()
-    if args.ablations:
-        summary["ablations"] = ablations.report(finals, seeds, out_dir)
-    else:
-        plot(out_dir, seeds, nitp_layer, summary, costs)
-    # Where the time went: training steps and evaluations from the runs' own logs, the rest measured here
-    records = [r for seed in seeds for name in finals[0] for r in read_metrics(out_dir / f"seed{seed}-{slug(name)}")]
-    seconds = {"training steps": sum(r["ms"] for r in records if not r.get("eval")) / 1000,
-               "evaluations": sum(r["eval_s"] for r in records if r.get("eval")), "probes": probe_s,
-               "plot": time.perf_counter() - t0}
-    seconds["other (set-up, checkpoints, summary)"] = time.perf_counter() - started - sum(seconds.values())
-    total = sum(seconds.values())
-    print(f"time: {total:.0f} s = " + ", ".join(f"{k} {v:.1f} s ({v / total:.0%})" for k, v in seconds.items()))
-    (out_dir / "compare.json").write_text(json.dumps(
-        {"seeds": seeds, "summary": summary["at equal steps"], "summary_equal_compute": summary.get("at equal compute"),
-         "ablations": summary.get("ablations"), "nitp_flop_overhead": costs["NITP"] - 1, "finals": finals,
-         "probe_baselines": baselines, "seconds": seconds, "args": vars(args)}, indent=1))
-    print(f"summary: {out_dir / 'compare.json'}")
+    nitp_layer = target_layer(NITPConfig(layer=args.nitp_layer), args.n_layer)
+    plot(Path(args.out_dir), [f["NTP"]["seed"] for f in finals], nitp_layer, summary, costs)
+    seconds = account(args, finals, started, probes=probe_s, plot=time.perf_counter() - t0)
+    save(args, finals, summary=summary["at equal steps"], summary_equal_compute=summary.get("at equal compute"),
+         summaries=summary, nitp_flop_overhead=costs["NITP"] - 1, probe_baselines=baselines, seconds=seconds)
 
 
 def print_wall_clock(finals: list[dict], costs: dict[str, float]) -> None:
@@ -323,15 +391,20 @@ def print_wall_clock(finals: list[dict], costs: dict[str, float]) -> None:
               f" | {seconds:6.1f} s")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Seeds of several invocations, pooled
+
 # Flags that do not change what a run trains or how it is measured: invocations that differ only in these pool.
-NOT_TRAINING = {"seed", "seeds", "out_dir", "compare", "equal_compute", "ablations", "probe", "resume", "device",
-                "compile", "deterministic", "log_interval", "eval_interval"}
+NOT_TRAINING = {"seed", "seeds", "out_dir", "pool", "equal_compute", "paper_overhead", "probe_depth", "resume",
+                "device", "compile",
+                "deterministic", "log_interval", "eval_interval",
+                "compare", "ablations", "probe"}  # the last three: flags of train.py before compare.py had its own
 
 
 def pool(dirs: list[str], out_dir: str) -> dict:
-    """One summary over the seeds of several --compare (or --ablations) invocations, read from the compare.json in
-    each of `dirs`: NITP − NTP always, and each comparison that all of them ran. They must have trained the same
-    setting, on different seeds. Writes OUT_DIR/pooled.json. Raises ValueError with what to do."""
+    """One summary over the seeds of several compare.py (or ablations.py) invocations, read from the compare.json
+    in each of `dirs`: NITP − NTP always, and each comparison that all of them ran. They must have trained the
+    same setting, on different seeds. Writes OUT_DIR/pooled.json. Raises ValueError with what to do."""
     results = []
     for folder in dirs:
         path = Path(folder) / "compare.json"
@@ -339,11 +412,11 @@ def pool(dirs: list[str], out_dir: str) -> dict:
             results.append(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read {path} ({type(e).__name__}); pass the --out-dir of a finished "
-                             f"--compare or --ablations") from None
+                             f"compare.py or ablations.py") from None
     settings = results[0]["args"]
     for folder, result in zip(dirs, results):
-        for name in sorted(set(settings) | set(result["args"]) - NOT_TRAINING):
-            if name not in NOT_TRAINING and result["args"].get(name) != settings.get(name):
+        for name in sorted((set(settings) | set(result["args"])) - NOT_TRAINING):
+            if result["args"].get(name) != settings.get(name):
                 raise ValueError(f"{folder} trained with --{name.replace('_', '-')} {result['args'].get(name)}, "
                                  f"{dirs[0]} with {settings.get(name)}: only runs of one setting pool")
     seeds = [seed for result in results for seed in result["seeds"]]
@@ -358,25 +431,77 @@ def pool(dirs: list[str], out_dir: str) -> dict:
     pooled = {"dirs": dirs, "seeds": seeds, "summary": summarize(finals)}
     if all("NTP, equal compute" in final for final in finals):
         pooled["summary_equal_compute"] = summarize(finals, baseline="NTP, equal compute", prefix="at equal compute: ")
-    if all(result.get("ablations") for result in results):
-        pooled["ablations"] = ablations.report(finals, seeds, Path(out_dir))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "pooled.json").write_text(json.dumps({**pooled, "finals": finals, "args": settings}, indent=1))
     print(f"pooled summary: {Path(out_dir) / 'pooled.json'}")
     return pooled
 
 
+# ----------------------------------------------------------------------------------------------------
+# The command line: train.py's flags, for every run, and the experiment's own
+
+TRAIN_FLAGS = set(vars(make_parser().parse_args([])))
+
+
+def make_experiment_parser(description: str, program: str) -> argparse.ArgumentParser:
+    """train.py's parser, every flag of which reaches each run, and --seeds."""
+    parser = make_parser()
+    parser.prog, parser.description = program, description
+    group = parser.add_argument_group("the experiment")
+    group.add_argument("--seeds", type=int, default=3, help="this many seeds, from --seed")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """compare.py's command line (or ablations.py's, whose parser is passed): checked, before anything runs."""
+    if parser is None:
+        parser = make_experiment_parser("NTP and NITP side by side over seeds, from the same weights on the same "
+                                        "batches; or --pool several finished comparisons.", "compare.py")
+        group = parser.add_argument_group("compare.py")
+        group.add_argument("--equal-compute", action="store_true",
+                           help="also train NTP for NITP's training FLOPs (more steps, the schedule stretched)")
+        group.add_argument("--paper-overhead", action="store_true",
+                           help="also train NITP with its head at the paper's +2.3%% of FLOPs, NTP for that run's "
+                                "FLOPs, and NTP with one more block")
+        group.add_argument("--probe-depth", action="store_true",
+                           help="probe every block's output too, not only the final hidden state (the depth "
+                                "picture; a few seconds more per model)")
+        group.add_argument("--pool", nargs="+", metavar="OUT_DIR",
+                           help="train nothing: summarize the seeds of these finished comparisons together")
+    args = flags_parse_args(argv, parser=parser)
+    if "RANK" in os.environ:
+        parser.error(f"{parser.prog} trains its runs one after another in one process: start it with python, "
+                     f"not torchrun")
+    if args.resume:
+        parser.error(f"{parser.prog} starts fresh runs: drop --resume (resume one run with train.py --resume)")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = OneLineParser(prog="compare.py", description="Pool the seeds of several finished comparisons into one summary.")
-    parser.add_argument("--pool", nargs="+", required=True, metavar="OUT_DIR",
-                        help="the --out-dir of each --compare (or --ablations) invocation to pool")
-    parser.add_argument("--out-dir", default="out", help="where pooled.json goes")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         check_out_dir(args.out_dir)
-        pool(args.pool, args.out_dir)
+        if args.pool:
+            pool(args.pool, args.out_dir)
+            return
+        for settings in arms(args, args.seed, arm_changes(args)).values():  # every run checked before the first
+            train.check(settings)
     except ValueError as e:
         fail(str(e), program="compare.py")
+    run_or_exit(compare, args, "compare.py")
+
+
+def run_or_exit(experiment, args: argparse.Namespace, program: str) -> None:
+    """Run the experiment; a run that diverges exits with status 3, Ctrl-C with 130, as train.py does."""
+    try:
+        experiment(args)
+    except train.Diverged as e:
+        fail(str(e), status=3, program=program)
+    except train.Interrupted as e:
+        say(str(e), sys.stdout)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

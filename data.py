@@ -116,17 +116,6 @@ def file_text(path: str) -> str:
     return text
 
 
-def labelled_sections(source: str, tokenizer: tiktoken.Encoding, n_stretches: int = 16) -> list[tuple[str, list[int]]]:
-    """The corpus cut into labelled sections of token ids, for probe.py: the reference's topics for
-    python-docs; n_stretches equal, contiguous stretches of any other corpus."""
-    if source == "python-docs":
-        from pydoc_data.topics import topics
-        return [(name, tokenizer.encode_ordinary(topics[name])) for name in sorted(topics)]
-    ids = tokenizer.encode_ordinary(load_text(source))
-    size = len(ids) // n_stretches
-    return [(f"stretch {i + 1}", ids[i * size:(i + 1) * size]) for i in range(n_stretches)]
-
-
 def load_text(source: str) -> str:
     if source == "python-docs":
         return python_docs_text()

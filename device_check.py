@@ -6,7 +6,7 @@
 It runs, one after the other, each with a time limit:
   1. the test suite (`python -m pytest`), whose device cases run on this device too;
   2. bench.py in each precision the device trains in;
-  3. about 300 steps of `train.py --compare --seeds 1`;
+  3. about 300 steps of `compare.py --seeds 1`;
   4. `--compile` with NITP, and with NITP on an MoE model (not on MPS, which refuses --compile);
   5. DDP under torchrun over nccl, where there are 2 or more GPUs.
 and writes device_report.md: the device, the torch build, and each command with its exit status, its time
@@ -50,7 +50,7 @@ def checks(device: torch.device, out: Path) -> list[tuple[str, list[str], int, s
         todo.append((f"bench.py, {dtype}", [py, "bench.py", *dev, "--dtype", dtype, "--rounds", "3",
                                            "--steps-per-round", "3"], 60,
                      r"device|variant|NTP|NITP|MoE|overhead"))
-    todo.append(("300 steps of --compare --seeds 1", [py, "train.py", "--compare", "--seeds", "1", *dev,
+    todo.append(("300 steps of compare.py --seeds 1", [py, "compare.py", "--seeds", "1", *dev,
                                                       "--max-iters", "300", "--out-dir", str(out / "compare")], 120,
                  "from:^summary"))
     if device.type != "mps":

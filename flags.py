@@ -1,6 +1,7 @@
 """The command line of train.py: every flag with its default, and the checks that need no device and no data.
 
-bench.py takes the same flags (and refuses those it cannot use); compare.py runs train.py's own settings.
+bench.py takes the same flags (and refuses those it cannot use); compare.py and ablations.py take them too, for
+every run they train, and add their own.
 The defaults are the classroom setting, chosen and checked on fresh seeds in RESULTS.md ("The classroom
 setting").
 """
@@ -48,6 +49,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="ablation: 1 predicts z_{t+1} (NITP), 0 predicts z_t (same position)")
     g.add_argument("--nitp-no-stopgrad", action="store_true", help="ablation: let gradients flow into the target")
     g.add_argument("--nitp-head", choices=HEADS, default="swiglu", help="ablation: the projection head P")
+    g.add_argument("--nitp-head-width", type=int, default=None,
+                   help="the SwiGLU head's hidden width (default 4 * n_embd, the paper's; smaller costs less)")
     g.add_argument("--nitp-loss", choices=LOSSES, default="cosine", help="ablation: the distance between P(h) and z")
     g.add_argument("--nitp-start", type=int, default=0, help="ablation: the step at which the NITP loss switches on")
     g = p.add_argument_group("data")
@@ -86,16 +89,6 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=20, help="print a progress line every this many steps")
     g.add_argument("--out-dir", default="out", help="where metrics.jsonl and ckpt.pt go")
     g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir")
-    g = p.add_argument_group("the NTP vs NITP experiment (compare.py, ablations.py)")
-    g.add_argument("--compare", action="store_true",
-                   help="train NTP and NITP from the same weights on the same batches, and compare them")
-    g.add_argument("--equal-compute", action="store_true",
-                   help="with --compare: also train NTP for NITP's training FLOPs (more steps, the schedule stretched)")
-    g.add_argument("--ablations", action="store_true",
-                   help="the paper's ablation table: NTP, NITP and each ablation switch, over --seeds seeds")
-    g.add_argument("--seeds", type=int, default=3, help="with --compare or --ablations: this many seeds, from --seed")
-    g.add_argument("--probe", action="store_true",
-                   help="no training: score the frozen model in --out-dir on the probe.py tasks, with baselines")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device name")
     g.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
@@ -114,23 +107,15 @@ def parse_args(argv: list[str] | None = None, saved: dict | None = None,
     checkpoint's settings), those are the defaults, and a flag given now may change only the resumable ones
     (checkpoint.RESUMABLE); a ValueError says which flag did."""
     parser = parser or make_parser()
-    if saved is not None:
-        parser.set_defaults(**{k: v for k, v in saved.items() if k not in checkpoint.NOT_SAVED})
+    if saved is not None:  # a flag of the checkpoint's that this parser lacks (an older version's) is left out
+        known = vars(parser.parse_args([]))
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k not in checkpoint.NOT_SAVED})
     args = parser.parse_args(argv)
-    experiment = args.compare or args.ablations
-    if (experiment or args.probe) and "RANK" in os.environ:
-        parser.error("--compare, --ablations and --probe run in one process: start them with python, not torchrun")
-    if experiment and (args.resume or args.probe):
-        parser.error("--compare and --ablations start fresh runs (and probe them themselves); drop --resume / --probe")
-    if args.compare and args.ablations:
-        parser.error("--ablations runs NTP and NITP too: drop --compare")
-    if args.equal_compute and not args.compare:
-        parser.error("--equal-compute adds a run to --compare: add --compare")
     if args.warmup_iters is None:
         args.warmup_iters = args.max_iters // 10
     if args.eval_interval is None:
         args.eval_interval = max(1, args.max_iters // 10)
-    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "seeds"):
+    for name in ("max_iters", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.learning_rate <= 0 or args.warmup_iters < 0 or args.weight_decay < 0 or args.grad_clip < 0:

@@ -45,6 +45,7 @@ class NITPConfig:
     shift: int = 1            # 1: P(h_t) predicts z_{t+1}. 0: it predicts z_t (same position)
     stopgrad: bool = True     # False: gradients also flow into the target z
     head: str = "swiglu"      # "linear": one d x d matrix; "none": compare h_t with z directly
+    head_width: int | None = None  # the SwiGLU head's hidden width; None = 4d, the paper's
     loss: str = "cosine"      # or "mse" / "smooth_l1" between the raw vectors
     start: int = 0            # the training step at which L_NITP switches on
 
@@ -59,6 +60,9 @@ class NITPConfig:
             raise ValueError(f"NITP loss must be one of {LOSSES}, got {self.loss!r}")
         if self.start < 0:
             raise ValueError(f"NITP start step must be >= 0, got {self.start}")
+        if self.head_width is not None and (self.head != "swiglu" or self.head_width < 1):
+            raise ValueError(f"NITP head width must be >= 1, for the swiglu head only; got {self.head_width} "
+                             f"with head {self.head!r}")
 
 
 def default_layer(n_layer: int) -> int:
@@ -68,16 +72,17 @@ def default_layer(n_layer: int) -> int:
 
 
 class SwiGLUHead(nn.Module):
-    """P: d -> 4d -> d with a SwiGLU gate, 3 · 4d² = 12d² weights."""
+    """P: d -> w -> d with a SwiGLU gate, 3·d·w weights: w = 4d gives the paper's 12d²."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, width: int | None = None):
         super().__init__()
-        self.gate = nn.Linear(d, 4 * d, bias=False)
-        self.up = nn.Linear(d, 4 * d, bias=False)
-        self.down = nn.Linear(4 * d, d, bias=False)
+        width = width or 4 * d
+        self.gate = nn.Linear(d, width, bias=False)
+        self.up = nn.Linear(d, width, bias=False)
+        self.down = nn.Linear(width, d, bias=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(h)) * self.up(h))  # (..., d) -> (..., 4d) -> (..., d)
+        return self.down(F.silu(self.gate(h)) * self.up(h))  # (..., d) -> (..., w) -> (..., d)
 
 
 def target_layer(config: NITPConfig, n_layer: int) -> int:
@@ -97,7 +102,7 @@ class NITP(nn.Module):
         self.config = config
         self.layer = target_layer(config, n_layer)
         if config.head == "swiglu":
-            self.head = SwiGLUHead(n_embd)
+            self.head = SwiGLUHead(n_embd, config.head_width)
         elif config.head == "linear":
             self.head = nn.Linear(n_embd, n_embd, bias=False)
         else:

@@ -1,155 +1,242 @@
-"""Frozen-representation evaluation: the paper's MTEB test, at toy scale, with labels from the corpus itself.
+"""Frozen-state probes: what a trained model's hidden states hold, read by a linear map, on text it never saw.
 
-The paper freezes each model, mean-pools its last-layer hidden states over the valid tokens of a text,
-ℓ2-normalizes the result, and scores that embedding on MTEB with no fine-tuning. We cannot download MTEB, so
-we build two tasks of the same kinds from the training corpus:
+`python probe.py --out-dir OUT_DIR` probes the model saved there; compare.py probes every final model it trains.
 
-  classification  a linear probe (logistic regression on the frozen embeddings) predicts which section a
-                  passage comes from: its topic in the embedded Python reference, or which of 16 equal
-                  stretches of any other corpus (in tiny-shakespeare, roughly which play). Accuracy.
-  retrieval       each passage is cut in two halves; the first half must find its own second half among
-                  all second halves by cosine similarity. Recall@1 and MRR.
+The paper's own test freezes each model and scores its mean-pooled last hidden states on 25 MTEB tasks. We cannot
+download MTEB, and a toy byte-level model says more when it is asked, position by position, what its state holds
+about the text around it. So a linear probe reads labels that the text itself gives, at every position t of
+the validation split:
 
-Passages come from the whole corpus, so the language model has seen their text (MTEB's has not); the task
-labels it has never seen. Splits are deterministic: every 4th passage of each section is a test passage.
+  the text at t, which needs the context of the line (the label counts only where the window holds the line's start):
+    quote        inside a "double-quoted" span: an odd number of " in the line so far
+    brackets     the depth of ( [ { in the line so far: 0, 1, 2 or more
+    indent       the line's indentation: 0, 1-3, 4-7, 8 or more spaces (counted once the indentation has ended)
+    column       the column, in bins of 8 bytes: 0-7, 8-15, ..., 56 and more
+  memory         the byte at t-1, t-2, t-4, t-8 (where the window holds it)
+  look-ahead     the byte at t+1, which NTP trains the LM head to read off h_t; at t+2 and t+3, the "Future Lens"
+                 probe (Pal et al. 2023): NITP asks h_t for the model's own representation of position t+1, and
+                 whether that brings more of the future into h_t is what these ask.
+
+The probe is ridge regression onto one-hot labels, each class weighted by the inverse of its frequency so that a
+rare class counts as much as a common one, fitted in closed form (no optimizer, no seed). The windows of the
+validation split are cut in two: the probe is fitted on the states of the first half and scored on the second,
+by balanced accuracy, the mean over classes of the share of that class's positions predicted right: chance is
+1/K for K classes, whatever their frequencies. Classes too rare to fit or to score are left out.
+
+Each model is probed at its final hidden state (after ln_f: what the LM head reads, and what NITP trains) and at
+every block's output ([0] the embeddings), for the depth picture. Three baselines say what the states add:
+  - the input embeddings alone (block output 0): the byte at t and its position, no context;
+  - the mean of the last 8 input embeddings: the recent bytes without their order;
+  - the untrained network of the same shape: its final hidden states at initialization.
 """
-import math
+import json
+from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from model import GPT
+from model import GPT, GPTConfig
 
-PASSAGES_PER_SECTION = 24  # at most, evenly spaced through the section; balances the classes
-MIN_PASSAGES = 8           # sections with fewer are left out of classification
-
-
-def make_passages(sections: list[tuple[str, list[int]]], length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut each section's token ids into passages of `length` tokens (a shorter last one is padded).
-    Returns ids (M, length), valid-token mask (M, length) and the section index of each passage (M,)."""
-    ids, masks, labels = [], [], []
-    kept = [(name, toks) for name, toks in sections if math.ceil(len(toks) / length) >= MIN_PASSAGES]
-    for label, (_, toks) in enumerate(kept):
-        starts = list(range(0, len(toks), length))
-        step = max(1, len(starts) // PASSAGES_PER_SECTION)
-        for start in starts[::step][:PASSAGES_PER_SECTION]:
-            piece = toks[start:start + length]
-            ids.append(piece + [0] * (length - len(piece)))
-            masks.append([1] * len(piece) + [0] * (length - len(piece)))
-            labels.append(label)
-    return torch.tensor(ids), torch.tensor(masks, dtype=torch.bool), torch.tensor(labels)
+TARGETS = ("quote", "brackets", "indent", "column", "byte t-1", "byte t-2", "byte t-4", "byte t-8",
+           "byte t+1", "byte t+2", "byte t+3")
+MIN_FIT, MIN_SCORE = 20, 5  # a class is probed when the fitting half has this many of it, and the scoring half this many
+RIDGE = 1e-3                # the ridge penalty, per class (each class weighs 1 in the fit)
+RECENT = 8                  # the "recent embeddings" baseline averages this many
 
 
-def split(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic, disjoint train/test indices: every 4th passage of each section is a test passage."""
-    rank_in_section = torch.zeros_like(labels)
-    for label in labels.unique():
-        where = (labels == label).nonzero().flatten()
-        rank_in_section[where] = torch.arange(len(where))
-    is_test = rank_in_section % 4 == 3
-    return (~is_test).nonzero().flatten(), is_test.nonzero().flatten()
+# ----------------------------------------------------------------------------------------------------
+# Labels from the text: for each window of bytes, one label per position (-1 where the window cannot tell)
+
+def labels(tokens: np.ndarray, starts: list[int], length: int) -> dict[str, np.ndarray]:
+    """tokens: the byte ids of a text; windows of `length` bytes at `starts`. Returns {target: (W, length)}."""
+    out = {name: np.full((len(starts), length), -1, dtype=np.int64) for name in TARGETS}
+    for w, start in enumerate(starts):
+        window = tokens[start:start + length].tolist()
+        line_start = None  # where the current line began in the window; None until a newline is seen
+        quotes = depth = indent = 0
+        indenting = True
+        for t, byte in enumerate(window):
+            if line_start is not None:
+                if indenting and byte != ord(" "):
+                    indenting, indent = False, t - line_start
+                quotes += byte == ord('"')
+                depth = max(0, depth + (byte in b"([{") - (byte in b")]}"))
+                out["quote"][w, t] = quotes % 2
+                out["brackets"][w, t] = min(depth, 2)
+                out["column"][w, t] = min((t - line_start) // 8, 7)
+                if not indenting:
+                    out["indent"][w, t] = 0 if indent == 0 else 1 if indent <= 3 else 2 if indent <= 7 else 3
+            for k in (1, 2, 4, 8):
+                if t >= k:
+                    out[f"byte t-{k}"][w, t] = window[t - k]
+            for k in (1, 2, 3):
+                if start + t + k < len(tokens):
+                    out[f"byte t+{k}"][w, t] = tokens[start + t + k]
+            if byte == ord("\n"):  # the next position starts a line the window holds
+                line_start, quotes, depth, indenting = t + 1, 0, 0, True
+    return out
 
 
-def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(M, T, d) states, (M, T) mask -> (M, d) ℓ2-normalized mean over the valid positions only."""
-    mask = mask.unsqueeze(-1).to(states.dtype)                  # (M, T, 1)
-    pooled = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-    return F.normalize(pooled, dim=-1)
+# ----------------------------------------------------------------------------------------------------
+# The probe
 
+def balanced_accuracy(predicted: np.ndarray, truth: np.ndarray, n_classes: int) -> float:
+    """The mean over the classes of the share of each class's positions predicted right."""
+    return float(np.mean([(predicted[truth == k] == k).mean() for k in range(n_classes)]))
+
+
+def kept_classes(fit_y: np.ndarray, score_y: np.ndarray) -> np.ndarray:
+    """The labels with at least MIN_FIT positions in the fitting half and MIN_SCORE in the scoring half (-1: none)."""
+    fit_counts, score_counts = (np.bincount(y[y >= 0], minlength=256)[:256] for y in (fit_y, score_y))
+    return np.flatnonzero((fit_counts >= MIN_FIT) & (score_counts >= MIN_SCORE))
+
+
+def design(fit: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, d) states of the fitting and the scoring positions -> the probe's inputs (M, d + 1): each feature
+    standardized by the fitting positions' mean and std, and a constant column (the probe's bias)."""
+    mean, std = fit.mean(dim=0), fit.std(dim=0).clamp(min=1e-8)
+    return tuple(torch.cat([(x.float() - mean) / std, torch.ones(len(x), 1)], dim=1) for x in (fit, score))
+
+
+def probe(fit_a: torch.Tensor, fit_y: np.ndarray, score_a: torch.Tensor, score_y: np.ndarray) -> float | None:
+    """A linear probe fitted on (fit_a, fit_y), design()'s inputs and their labels, and scored on (score_a,
+    score_y): the balanced accuracy. Labels -1 and the classes too rare in either half are left out; None if
+    fewer than two are kept."""
+    classes = kept_classes(fit_y, score_y)
+    if len(classes) < 2:
+        return None
+    index = np.full(256, -1)
+    index[classes] = np.arange(len(classes))  # label -> class number 0..K-1
+    fit_keep, score_keep = np.isin(fit_y, classes), np.isin(score_y, classes)
+    a, y = fit_a[torch.from_numpy(fit_keep)], torch.from_numpy(index[fit_y[fit_keep]])   # (M, d + 1), (M,)
+    counts = torch.bincount(y, minlength=len(classes)).float()                          # (K,)
+    weighted = a / counts[y][:, None]                     # each class weighs 1 in all, however common it is
+    targets = torch.nn.functional.one_hot(y, len(classes)).float()                      # (M, K)
+    gram = (a.T @ weighted).double() + RIDGE * len(classes) * torch.eye(a.size(1), dtype=torch.float64)
+    coefficients = torch.linalg.solve(gram, (weighted.T @ targets).double()).float()    # (d + 1, K)
+    predicted = (score_a[torch.from_numpy(score_keep)] @ coefficients).argmax(dim=1).numpy()
+    return balanced_accuracy(predicted, index[score_y[score_keep]], len(classes))
+
+
+# ----------------------------------------------------------------------------------------------------
+# States of a model, and the probes on them
 
 @torch.no_grad()
-def embed(model: GPT, ids: torch.Tensor, mask: torch.Tensor, bag_of_tokens: bool = False,
-          batch_size: int = 64) -> torch.Tensor:
-    """Frozen embeddings (M, d): the pooled final hidden states (after ln_f), or with bag_of_tokens the
-    pooled input token embeddings, a baseline that ignores order and context. Pooled in fp32 on the CPU,
-    whatever device the model is on, so that the scores do not depend on where it trained."""
+def states(model: GPT, windows: torch.Tensor, batch_size: int = 64) -> list[torch.Tensor]:
+    """Every block's output ([0] the embeddings) and the final hidden state, each (W, T, d) in fp32 on the CPU."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(ids), batch_size):
-        x = ids[i:i + batch_size].to(device)
-        states = model.wte(x) if bag_of_tokens else model(x).hidden  # (b, T, d)
-        out.append(mean_pool(states.to("cpu", torch.float32), mask[i:i + batch_size]))
-    model.train(was_training)  # the caller's model comes back as it came
-    return torch.cat(out)
+    parts = []
+    for i in range(0, len(windows), batch_size):
+        out = model(windows[i:i + batch_size].to(device))
+        parts.append([z.to("cpu", torch.float32) for z in (*out.block_outputs, out.hidden)])
+    model.train(was_training)
+    return [torch.cat(layer) for layer in zip(*parts)]
 
 
-def linear_probe_accuracy(features: torch.Tensor, labels: torch.Tensor, train: torch.Tensor, test: torch.Tensor,
-                          steps: int = 100, weight_decay: float = 1e-3) -> float:
-    """Logistic regression on frozen features, trained full-batch with L-BFGS; test accuracy."""
-    n_classes = int(labels.max()) + 1
-    with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the caller's random state alone
-        torch.manual_seed(0)
-        probe = torch.nn.Linear(features.size(1), n_classes)
-    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
-    scale = features[train].std().clamp(min=1e-8)  # features are unit vectors: bring them to unit scale per dim
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(probe(features[train] / scale), labels[train])
-        loss = loss + weight_decay * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    with torch.no_grad():
-        return (probe(features[test] / scale).argmax(dim=-1) == labels[test]).float().mean().item()
+def recent_mean(embeddings: torch.Tensor, n: int = RECENT) -> torch.Tensor:
+    """(W, T, d) -> (W, T, d): at each t, the mean of the embeddings at t-n+1 .. t that the window holds."""
+    summed = embeddings.cumsum(dim=1)
+    before = torch.cat([torch.zeros_like(summed[:, :n]), summed[:, :-n]], dim=1)[:, :summed.size(1)]
+    counts = torch.arange(1, embeddings.size(1) + 1).clamp(max=n).view(1, -1, 1)
+    return (summed - before) / counts
 
 
-def retrieval_scores(similarity: torch.Tensor) -> dict[str, float]:
-    """similarity (N, N): query i's correct candidate is i. Recall@1 and mean reciprocal rank."""
-    correct = similarity.diagonal().unsqueeze(1)                       # (N, 1)
-    rank = (similarity > correct).sum(dim=1) + 1                      # (N,) 1 = best; ties count in its favour
-    return {"recall@1": (rank == 1).float().mean().item(), "mrr": (1.0 / rank.float()).mean().item()}
+class Probes:
+    """The probe positions of one validation split, and the probes of any model's states on them."""
 
+    def __init__(self, tokens: np.ndarray, length: int):
+        starts = list(range(0, len(tokens) - length + 1, length))  # non-overlapping windows
+        self.windows = torch.from_numpy(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64))
+        self.fit = torch.arange(len(starts)) < len(starts) // 2   # the first half fits, the second scores
+        self.labels = labels(tokens, starts, length)
 
-def half_retrieval(model: GPT, ids: torch.Tensor, mask: torch.Tensor, bag_of_tokens: bool = False) -> dict[str, float]:
-    """Each full passage's first half looks for its own second half among all second halves."""
-    full = mask.all(dim=1)
-    half = ids.size(1) // 2
-    queries = embed(model, ids[full, :half], mask[full, :half], bag_of_tokens)      # (N, d)
-    candidates = embed(model, ids[full, half:], mask[full, half:], bag_of_tokens)   # (N, d)
-    return retrieval_scores(queries @ candidates.T)
+    def score(self, layer: torch.Tensor) -> dict[str, float | None]:
+        """The balanced accuracy of each target's probe on these states (W, T, d)."""
+        fit, score = design(layer[self.fit].flatten(0, 1), layer[~self.fit].flatten(0, 1))  # (positions, d + 1)
+        return {name: probe(fit, y[self.fit.numpy()].ravel(), score, y[~self.fit.numpy()].ravel())
+                for name, y in self.labels.items()}
 
+    def of_model(self, model: GPT, depth: bool = True) -> dict:
+        """The final hidden state's scores ("probe") and their mean over the targets ("probe_mean"); with depth,
+        also every block output's scores ("probe_by_layer": per target, the embeddings first, the final state
+        last), at about five times the cost."""
+        layers = states(model, self.windows)
+        by_layer = [self.score(layer) for layer in (layers if depth else layers[-1:])]
+        scores = {"probe_mean": mean_score(by_layer[-1]), "probe": by_layer[-1]}
+        if depth:
+            scores["probe_by_layer"] = {name: [layer[name] for layer in by_layer] for name in TARGETS}
+        return scores
 
-def evaluate_representations(model: GPT, passages: tuple, bag_of_tokens: bool = False) -> dict[str, float]:
-    """Both tasks for one model on make_passages' (ids, mask, labels). Returns the scores."""
-    ids, mask, labels = passages
-    train, test = split(labels)
-    features = embed(model, ids, mask, bag_of_tokens)
-    return {"probe_acc": linear_probe_accuracy(features, labels, train, test),
-            **{f"retrieval_{k}": v for k, v in half_retrieval(model, ids, mask, bag_of_tokens).items()}}
-
-
-def chance_levels(passages: tuple) -> dict[str, float]:
-    """What guessing scores: the majority class's share of the test set; 1/N and H_N/N for retrieval."""
-    _, mask, labels = passages
-    _, test = split(labels)
-    n = int(mask.all(dim=1).sum())
-    return {"probe_acc": labels[test].bincount().max().item() / len(test),
-            "retrieval_recall@1": 1 / n, "retrieval_mrr": sum(1 / r for r in range(1, n + 1)) / n}
-
-
-def report(models: dict[str, GPT], sections: list[tuple[str, list[int]]], length: int, seed: int,
-           baselines: bool = True) -> dict[str, dict]:
-    """Scores of each named model, of two sanity baselines built from the first one (unless baselines=False),
-    and of chance, printed as one table."""
-    passages = make_passages(sections, length)
-    rows = {name: evaluate_representations(model, passages) for name, model in models.items()}
-    if baselines:
-        first = next(iter(models.values()))
+    def baselines(self, model: GPT, seed: int) -> dict[str, dict]:
+        """The input embeddings of `model` alone, and their recent mean; the untrained network of its shape."""
+        embeddings = states(model, self.windows)[0]
         with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
             torch.manual_seed(seed)
-            untrained = GPT(first.config).to(next(first.parameters()).device)
-        rows["random init, same shape"] = evaluate_representations(untrained, passages)
-        rows["bag of tokens (its embeddings)"] = evaluate_representations(first, passages, bag_of_tokens=True)
-    rows["chance"] = chance_levels(passages)
-    ids, _, labels = passages
-    print(f"frozen-representation tasks: {len(ids)} passages of {length} tokens, {int(labels.max()) + 1} sections")
-    print(f"  {'':32s} {'probe acc':>10s} {'recall@1':>10s} {'MRR':>10s}")
-    for name, scores in rows.items():
-        print(f"  {name:32s} {scores['probe_acc']:10.3f} {scores['retrieval_recall@1']:10.3f} "
-              f"{scores['retrieval_mrr']:10.3f}")
-    return rows
+            untrained = GPT(model.config).to(next(model.parameters()).device)
+        rows = {"input embeddings alone": self.score(embeddings),
+                f"mean of the last {RECENT} input embeddings": self.score(recent_mean(embeddings)),
+                "untrained network, same shape": self.score(states(untrained, self.windows)[-1])}
+        return {name: {"probe_mean": mean_score(scores), "probe": scores} for name, scores in rows.items()}
+
+
+def mean_score(scores: dict[str, float | None]) -> float:
+    """The mean balanced accuracy over the targets that could be probed."""
+    return float(np.mean([v for v in scores.values() if v is not None]))
+
+
+def chance(probes: Probes) -> dict[str, float | None]:
+    """What guessing scores in balanced accuracy: 1/K for the K classes that each target's probe keeps."""
+    fit, score = probes.fit.numpy(), ~probes.fit.numpy()
+    sizes = {name: len(kept_classes(y[fit].ravel(), y[score].ravel())) for name, y in probes.labels.items()}
+    return {name: 1 / k if k >= 2 else None for name, k in sizes.items()}
+
+
+def print_table(rows: dict[str, dict], chances: dict[str, float | None]) -> None:
+    """One line per model: the balanced accuracy of each target's probe on its final states, and their mean."""
+    short = [name.replace("byte ", "") for name in TARGETS]
+    print("frozen-state probes, balanced accuracy on held-out text (final hidden state):")
+    print(f"  {'':34s} {'mean':>6s} " + " ".join(f"{name:>8s}" for name in short))
+    for name, row in [*rows.items(), ("chance", {"probe": chances, "probe_mean": mean_score(chances)})]:
+        cells = " ".join(f"{'–' if row['probe'][t] is None else format(row['probe'][t], '.3f'):>8s}" for t in TARGETS)
+        print(f"  {name:34s} {row['probe_mean']:6.3f} {cells}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# python probe.py --out-dir OUT_DIR
+
+def main(argv: list[str] | None = None) -> None:
+    import checkpoint  # what a command needs, not the module: compare.py imports this file for Probes alone
+    from data import get_tokenizer, load_dataset
+    from devices import pick_device
+    from flags import OneLineParser, check_out_dir, fail
+
+    parser = OneLineParser(prog="probe.py", description="Probe the frozen states of the model trained in --out-dir.")
+    parser.add_argument("--out-dir", default="out", help="the run folder whose ckpt.pt to probe")
+    parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device name")
+    args = parser.parse_args(argv)
+    try:
+        check_out_dir(args.out_dir)
+        saved = checkpoint.load(args.out_dir)
+        settings = saved["args"]
+        device = pick_device(args.device)
+        dataset = load_dataset(settings["data"], get_tokenizer(settings["tokenizer"]), settings["block_size"])
+        model = GPT(GPTConfig(**saved["model_config"]))
+        model.load_state_dict(saved["model"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        fail(f"{e}".splitlines()[0] if isinstance(e, ValueError) else
+             f"the checkpoint in {args.out_dir} does not hold a model this code can build ({type(e).__name__}); "
+             f"train one with train.py", program="probe.py")
+    if dataset.tokenizer.n_vocab != 256:
+        fail("the probes read bytes: probe a model trained with --tokenizer bytes", program="probe.py")
+    model.to(device)
+    probes = Probes(np.asarray(dataset.val), settings["block_size"])
+    rows = {"this model": probes.of_model(model), **probes.baselines(model, settings["seed"])}
+    print_table(rows, chance(probes))
+    (Path(args.out_dir) / "probe.json").write_text(json.dumps({**rows, "chance": chance(probes)}, indent=1))
+    print(f"probes: {Path(args.out_dir) / 'probe.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,10 @@
 """Tests of the NTP vs NITP experiment (compare.py) and of the frozen-representation tasks (probe.py)."""
+import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ablations
 import compare
@@ -13,14 +13,14 @@ import flags
 import probe
 import stats
 import train
-from conftest import TINY, exact, read_metrics, same, tiny_model
-from model import GPT
+from conftest import TINY, exact, read_metrics, same, tiny_nitp
+from model import GPT, GPTConfig
 from nitp import NITP, NITPConfig
 
 # ---------------------------------------------------------------------------------------------------- compare.py
 
 def test_compare_starts_both_runs_from_the_same_weights_and_batches(device, tmp_path, monkeypatch, capsys):
-    """--compare: the NTP and NITP runs begin with identical backbone weights and see identical batches."""
+    """compare.py: the NTP and NITP runs begin with identical backbone weights and see identical batches."""
     real_setup, real_get_batch = train.setup, train.get_batch
     initial_weights, batches = [], []
 
@@ -39,7 +39,7 @@ def test_compare_starts_both_runs_from_the_same_weights_and_batches(device, tmp_
     monkeypatch.setattr(train, "setup", recording_setup)
     monkeypatch.setattr(train, "get_batch", recording_get_batch)
     monkeypatch.setattr(evaluate, "get_batch", recording_get_batch)
-    train.main(TINY + ["--compare", "--device", device, "--seeds", "1", "--max-iters", "4", "--eval-interval", "2",
+    compare.main(TINY + ["--device", device, "--seeds", "1", "--max-iters", "4", "--eval-interval", "2",
                        "--out-dir", str(tmp_path)])
     ntp, nitp = initial_weights
     assert ntp.keys() == nitp.keys() and all(torch.equal(ntp[k], nitp[k]) for k in ntp)
@@ -49,9 +49,9 @@ def test_compare_starts_both_runs_from_the_same_weights_and_batches(device, tmp_
 
 
 def test_compare_with_seeds_writes_its_summary(device, tmp_path, capsys):
-    """--compare --seeds 2 finishes, writes both runs' metrics per seed and a summary with mean ± std of each
-    delta and whether it beats the seed-to-seed spread."""
-    train.main(TINY + ["--compare", "--device", device, "--seeds", "2", "--max-iters", "3", "--eval-interval", "3",
+    """compare.py --seeds 2 finishes, writes both runs' metrics per seed, their probe scores, and a summary: each
+    paired difference with its interval, the verdict, and what 2 seeds can settle."""
+    compare.main(TINY + ["--device", device, "--seeds", "2", "--max-iters", "3", "--eval-interval", "3",
                        "--out-dir", str(tmp_path)])
     for run in ("seed1337-ntp", "seed1337-nitp", "seed1338-ntp", "seed1338-nitp"):
         assert any(r.get("eval") for r in read_metrics(tmp_path / run))
@@ -68,6 +68,9 @@ def test_compare_with_seeds_writes_its_summary(device, tmp_path, capsys):
     assert f"eff. rank: {compare.interval(erank, '{:.2f}')}, NITP higher in" in printed
     assert "what 2 seeds can settle: the interval excludes 0 only for a difference larger than" in printed
     assert set(result["seconds"]) >= {"training steps", "evaluations", "probes"}
+    assert set(result["summary"]["probes"]) == set(probe.TARGETS) and "probe_mean" in result["summary"]
+    assert all(0 <= final[run]["probe:byte t+2"] <= 1 for final in result["finals"] for run in ("NTP", "NITP"))
+    assert len(result["probe_baselines"]) == 2 and "frozen-state probes, balanced accuracy" in printed
     # Only the comparison's own runs: no third, stray training run in OUT_DIR itself.
     made = {p.name for p in tmp_path.iterdir()}
     assert made - {"compare.png"} == {"seed1337-ntp", "seed1337-nitp", "seed1338-ntp", "seed1338-nitp", "compare.json"}
@@ -128,10 +131,10 @@ def test_seeds_to_settle_is_the_usual_sample_size():
 def test_pooling_two_invocations_equals_one_invocation_over_all_their_seeds(device, tmp_path, capsys):
     """compare.py --pool reads the compare.json of separate invocations and summarizes all their seeds as one
     invocation over the same seeds would."""
-    common = TINY + exact(device) + ["--compare", "--max-iters", "3", "--eval-interval", "3"]
-    train.main(common + ["--seeds", "2", "--out-dir", str(tmp_path / "both")])
-    train.main(common + ["--seeds", "1", "--out-dir", str(tmp_path / "first")])
-    train.main(common + ["--seed", "1338", "--seeds", "1", "--out-dir", str(tmp_path / "second")])
+    common = TINY + exact(device) + ["--max-iters", "3", "--eval-interval", "3"]
+    compare.main(common + ["--seeds", "2", "--out-dir", str(tmp_path / "both")])
+    compare.main(common + ["--seeds", "1", "--out-dir", str(tmp_path / "first")])
+    compare.main(common + ["--seed", "1338", "--seeds", "1", "--out-dir", str(tmp_path / "second")])
     compare.main(["--pool", str(tmp_path / "first"), str(tmp_path / "second"), "--out-dir", str(tmp_path / "pooled")])
     pooled = json.loads((tmp_path / "pooled" / "pooled.json").read_text())
     both = json.loads((tmp_path / "both" / "compare.json").read_text())
@@ -145,12 +148,12 @@ def test_pooling_two_invocations_equals_one_invocation_over_all_their_seeds(devi
 def test_pooling_refuses_what_does_not_pool_with_one_line(case, tmp_path, capsys):
     """Invocations of different settings, a seed counted twice, or a folder without a finished comparison: one
     line that says what to do, exit status 2, and no pooled.json."""
-    common = TINY + ["--compare", "--seeds", "1", "--max-iters", "2", "--eval-interval", "2"]
-    train.main(common + ["--out-dir", str(tmp_path / "a")])
+    common = TINY + ["--seeds", "1", "--max-iters", "2", "--eval-interval", "2"]
+    compare.main(common + ["--out-dir", str(tmp_path / "a")])
     second = {"another setting": common + ["--seed", "7", "--learning-rate", "1e-3"], "a seed twice": common,
               "no compare.json": None}[case]
     if second is not None:
-        train.main(second + ["--out-dir", str(tmp_path / "b")])
+        compare.main(second + ["--out-dir", str(tmp_path / "b")])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         compare.main(["--pool", str(tmp_path / "a"), str(tmp_path / "b"), "--out-dir", str(tmp_path / "pooled")])
@@ -162,113 +165,156 @@ def test_pooling_refuses_what_does_not_pool_with_one_line(case, tmp_path, capsys
 
 
 def test_compare_runs_three_seeds_of_train_pys_own_defaults():
-    """--compare is three seeds of the default run: the same model and schedule as `train.py --nitp`. Warm-up
+    """compare.py is three seeds of the default run: the same model and schedule as `train.py --nitp`. Warm-up
     and evaluation follow --max-iters (a tenth each) unless given."""
-    plain, compared = train.parse_args([]), train.parse_args(["--compare"])
+    plain, compared = train.parse_args([]), compare.parse_args([])
     assert compared.seeds == 3
     # the pre-registered classroom setting (RESULTS.md, section 1)
     setting = {k: getattr(compared, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
                                                   "max_iters", "learning_rate", "warmup_iters", "data", "nitp_lambda")}
     assert setting == dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, max_iters=1000,
                            learning_rate=2e-3, warmup_iters=100, data="python-docs", nitp_lambda=1.0)
-    assert {k: v for k, v in vars(plain).items() if k != "compare"} == \
-        {k: v for k, v in vars(compared).items() if k != "compare"}
+    assert vars(plain) == {k: v for k, v in vars(compared).items() if k in compare.TRAIN_FLAGS}
+    assert vars(compare.arms(compared, 1337, compare.arm_changes(compared))["NITP"]) == \
+        {**vars(plain), "nitp": True, "out_dir": "out/seed1337-nitp"}
     chosen = train.parse_args(["--max-iters=60", "--eval-interval", "7"])
     assert (chosen.warmup_iters, chosen.eval_interval) == (6, 7)
     assert train.parse_args(["--max-iters", "3"]).eval_interval == 1
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--resume"], "starts fresh runs: drop --resume"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--n-layer", "2", "--nitp-layer", "2"], "0..1"),
+    (["--pool"], "expected at least one argument"),
+])
+def test_compare_refuses_bad_input_with_one_line_and_writes_nothing(argv, expected, tmp_path, capsys):
+    """A bad flag, or a setting that one of its runs cannot train (checked before the first run): one line, exit
+    status 2, no output folder."""
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(TINY + argv + ["--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_paper_overhead_runs_are_what_their_names_say(tmp_path):
+    """--paper-overhead: NITP with its SwiGLU head narrowed to the paper's +2.3% of FLOPs, NTP stretched to that
+    run's FLOPs, and NTP with one more block, whose 12d² weights are the full head's."""
+    args = compare.parse_args(["--paper-overhead", "--out-dir", str(tmp_path)])
+    changes = compare.arm_changes(args)
+    assert list(changes) == ["NTP", "NITP", "NITP, small head", "NTP, small head's compute", "NTP, one more block"]
+    width = changes["NITP, small head"]["nitp_head_width"]
+    assert width == compare.paper_head_width(args) == 53                    # 3·128·53 weights, against 12·128²
+    small = argparse.Namespace(**{**vars(args), **changes["NITP, small head"]})
+    overhead = compare.flops(small, nitp=True) / compare.flops(args, nitp=False) - 1
+    assert overhead == pytest.approx(compare.PAPER_OVERHEAD, abs=0.0005)
+    assert changes["NTP, small head's compute"] == {"nitp": False, "max_iters": round(1000 * (1 + overhead)),
+                                                    "warmup_iters": round(100 * (1 + overhead)),
+                                                    "eval_interval": round(100 * (1 + overhead))}
+    deeper = argparse.Namespace(**{**vars(args), "n_layer": 5})
+    block, head = (compare.flops(deeper, nitp=False) - compare.flops(args, nitp=False),
+                   compare.flops(args, nitp=True) - compare.flops(args, nitp=False))
+    assert head == 6 * 12 * 128 ** 2                                     # the block adds its two norms and attention:
+    assert block == head + 6 * 4 * 128 + 12 * 64 * 128                  # 1.5% of NITP's FLOPs on top
+
+
+def test_a_narrow_head_has_its_width_and_is_refused_for_other_heads():
+    """--nitp-head-width sets the SwiGLU head's hidden width (3·d·w weights); it means nothing for the others."""
+    head = tiny_nitp(head_width=5).head
+    assert (head.gate.out_features, head.up.out_features, head.down.in_features) == (5, 5, 5)
+    assert sum(p.numel() for p in head.parameters()) == 3 * 16 * 5
+    assert sum(p.numel() for p in tiny_nitp().head.parameters()) == 12 * 16 ** 2
+    with pytest.raises(ValueError, match="swiglu head only"):
+        NITPConfig(head="linear", head_width=5)
+
+
 # ---------------------------------------------------------------------------------------------------- probe.py
 
-def test_linear_probe_is_near_chance_on_random_features_with_shuffled_labels():
-    """Noise features and labels that mean nothing: test accuracy stays near 1/C."""
+def test_the_labels_are_what_the_text_says():
+    """Each label at each position of a hand-made window, -1 where the window cannot tell."""
+    text = b'ab\n  x"y(z\n'  # the window: a, b, newline, then a line indented by 2 with a quote and a bracket
+    window = np.frombuffer(text + b"tail", dtype=np.uint8)
+    out = probe.labels(window, [0], len(text))
+    assert out["quote"][0].tolist() == [-1, -1, -1, 0, 0, 0, 1, 1, 1, 1, 1]          # from the opening " on
+    assert out["brackets"][0].tolist() == [-1, -1, -1, 0, 0, 0, 0, 0, 1, 1, 1]
+    assert out["column"][0].tolist() == [-1, -1, -1] + [0] * 8                          # columns 0..7: bin 0
+    assert out["indent"][0].tolist() == [-1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1]          # 2 spaces, once ended
+    assert out["byte t-2"][0].tolist() == [-1, -1] + list(text[:-2])
+    assert out["byte t+3"][0].tolist() == list((text + b"tail")[3:3 + len(text)])
+    assert out["byte t+1"][0, -1] == ord("t")                                           # beyond the window: known
+
+
+def test_a_probe_reads_a_planted_label_and_not_noise():
+    """States that encode the label (a rotated one-hot, a little noise) score near 1; noise scores near chance,
+    1/K in balanced accuracy, however unbalanced the classes."""
     g = torch.Generator().manual_seed(0)
-    features = F.normalize(torch.randn(800, 32, generator=g), dim=-1)
-    labels = torch.randint(0, 4, (800,), generator=g)
-    train_idx, test_idx = probe.split(labels)
-    accuracy = probe.linear_probe_accuracy(features, labels, train_idx, test_idx)
-    assert abs(accuracy - 0.25) < 0.08
+    labels = np.concatenate([np.zeros(3000, dtype=np.int64), np.arange(2000) % 4 + 1])   # class 0 is 60%
+    rotation = torch.linalg.qr(torch.randn(32, 32, generator=g))[0]
+    planted = (torch.nn.functional.one_hot(torch.from_numpy(labels), 32).float()
+               + 0.1 * torch.randn(5000, 32, generator=g)) @ rotation
+    noise = torch.randn(5000, 32, generator=g)
+    half = np.random.default_rng(0).permutation(5000) < 2500        # the fitting half, at random
+    for states, low, high in ((planted, 0.98, 1.0), (noise, 0.12, 0.28)):
+        fit, score = probe.design(states[torch.from_numpy(half)], states[torch.from_numpy(~half)])
+        assert low <= probe.probe(fit, labels[half], score, labels[~half]) <= high
+    fit, score = probe.design(planted[torch.from_numpy(half)], planted[torch.from_numpy(~half)])
+    only_one = np.where(labels[half] == 0, 0, -1)                     # one class left to fit: nothing to probe
+    assert probe.probe(fit, only_one, score, labels[~half]) is None
 
 
-def test_linear_probe_is_near_perfect_on_features_that_encode_the_label():
-    """Features = the label's one-hot plus small noise: the probe finds it."""
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(400) % 8
-    features = F.normalize(F.one_hot(labels, 32).float() + 0.05 * torch.randn(400, 32, generator=g), dim=-1)
-    train_idx, test_idx = probe.split(labels)
-    assert probe.linear_probe_accuracy(features, labels, train_idx, test_idx) > 0.98
+def test_balanced_accuracy_weighs_every_class_alike():
+    truth = np.array([0, 0, 0, 0, 1, 2])
+    assert probe.balanced_accuracy(np.zeros(6, dtype=np.int64), truth, 3) == pytest.approx(1 / 3)
+    assert probe.balanced_accuracy(truth, truth, 3) == 1.0
 
 
-def test_retrieval_scores_on_hand_made_similarities():
-    """Recall@1 and MRR on matrices whose ranks are known: correct candidate first, second, third."""
-    perfect = torch.eye(3)
-    assert probe.retrieval_scores(perfect) == {"recall@1": 1.0, "mrr": 1.0}
-    ranks_1_2_3 = torch.tensor([[0.9, 0.1, 0.2],
-                                [0.8, 0.5, 0.1],   # query 1: its candidate is second
-                                [0.7, 0.6, 0.3]])  # query 2: its candidate is third
-    scores = probe.retrieval_scores(ranks_1_2_3)
-    assert scores["recall@1"] == pytest.approx(1 / 3)
-    assert scores["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+def test_the_recent_mean_is_causal_and_counts_what_the_window_holds():
+    embeddings = torch.arange(10, dtype=torch.float32).view(1, 10, 1)
+    means = probe.recent_mean(embeddings, n=3)[0, :, 0].tolist()
+    assert means == [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
 
 
-def test_splits_are_deterministic_and_disjoint():
-    """Every 4th passage of each section is a test passage: the same every time, never also a train passage."""
-    labels = torch.tensor([0] * 9 + [1] * 5 + [2] * 8)
-    train_a, test_a = probe.split(labels)
-    train_b, test_b = probe.split(labels)
-    assert torch.equal(train_a, train_b) and torch.equal(test_a, test_b)
-    assert not set(train_a.tolist()) & set(test_a.tolist())
-    assert sorted(train_a.tolist() + test_a.tolist()) == list(range(22))
-    assert labels[test_a].tolist() == [0, 0, 1, 2, 2]
-
-
-def test_pooling_ignores_positions_that_are_not_valid_tokens():
-    """Padding positions do not change the pooled embedding, whatever their states hold."""
-    states = torch.randn(2, 5, 4)
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    pooled = probe.mean_pool(states, mask)
-    states[0, 3:] = 1e6
-    assert torch.allclose(probe.mean_pool(states, mask), pooled)
-    assert torch.allclose(pooled[0], F.normalize(states[0, :3].mean(dim=0), dim=0))
-    assert torch.allclose(pooled.norm(dim=-1), torch.ones(2))
-
-
-def test_passages_pad_the_short_tail_and_drop_tiny_sections():
-    """Sections are cut into fixed-length passages; the last one is padded and masked; short sections go."""
-    sections = [("long", list(range(1, 8 * 10 + 4))), ("tiny", [1, 2, 3])]
-    ids, mask, labels = probe.make_passages(sections, length=10)
-    assert ids.shape == (9, 10) and labels.tolist() == [0] * 9
-    assert mask[-1].tolist() == [True] * 3 + [False] * 7 and mask[:-1].all()
-
-
-def test_probe_flag_scores_a_checkpoint_with_baselines(device, tmp_path, capsys):
-    """`train.py --probe` reads the checkpoint in --out-dir, trains nothing, and reports the model, a random
-    model of the same shape, bag-of-tokens and chance."""
+def test_probe_py_scores_a_checkpoint_with_baselines(device, tmp_path, capsys):
+    """`probe.py --out-dir` reads the checkpoint there, trains nothing, and reports the model at every depth, the
+    three baselines and chance."""
     out = tmp_path / "run"
-    train.main(TINY + ["--max-iters", "2", "--out-dir", str(out)])
+    train.main(TINY + ["--max-iters", "2", "--device", device, "--out-dir", str(out)])
     before = (out / "metrics.jsonl").read_text()
-    train.main(["--probe", "--device", device, "--out-dir", str(out)])
+    probe.main(["--device", device, "--out-dir", str(out)])
     rows = json.loads((out / "probe.json").read_text())
-    assert set(rows) == {"this model", "random init, same shape", "bag of tokens (its embeddings)", "chance"}
-    assert all(0 <= rows[r][k] <= 1 for r in rows for k in ("probe_acc", "retrieval_recall@1", "retrieval_mrr"))
+    assert set(rows) == {"this model", "input embeddings alone", "mean of the last 8 input embeddings",
+                         "untrained network, same shape", "chance"}
+    assert set(rows["this model"]["probe"]) == set(probe.TARGETS)
+    assert all(len(v) == 2 + 2 for v in rows["this model"]["probe_by_layer"].values())  # embeddings, 2 blocks, ln_f
+    assert all(v is None or 0 <= v <= 1 for row in rows.values() for v in row.get("probe", row).values())
     assert (out / "metrics.jsonl").read_text() == before
-    assert "probe acc" in capsys.readouterr().out
+    assert "frozen-state probes, balanced accuracy" in capsys.readouterr().out
+
+
+def test_probe_py_refuses_a_folder_without_a_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        probe.main(["--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
 def test_probing_leaves_the_random_state_and_the_model_mode_as_they_were(device):
-    """probe.report seeds its own probe and random baseline, but the caller's random state and the model's
+    """The probes and the untrained baseline seed themselves, but the caller's random state and the model's
     training mode come back unchanged: probing between two runs changes neither run."""
-    model = tiny_model().to(device).train()
-    sections = [(f"s{i}", [(i * t) % 50 for t in range(200)]) for i in range(3)]
+    model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)).to(device).train()
+    tokens = np.frombuffer(b"some text,\n  with (lines) and \"quotes\"\n" * 40, dtype=np.uint8)
+    probes = probe.Probes(tokens, 16)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    probe.report({"m": model}, sections, 16, seed=0)
+    probes.of_model(model)
+    probes.baselines(model, seed=0)
     assert torch.equal(torch.rand(3), expected) and model.training
 
 
 def test_compare_with_compile_compiles_each_run_itself(device, tmp_path, monkeypatch):
-    """With --compile, each run of --compare compiles its own model, and its ms/iter includes the compile time,
+    """With --compile, each run of compare.py compiles its own model, and its ms/iter includes the compile time,
     as a run on its own would: the NITP run does not reuse the code compiled for the NTP run before it."""
     if device == "mps":
         pytest.skip("--compile is refused on MPS")
@@ -281,7 +327,7 @@ def test_compare_with_compile_compiles_each_run_itself(device, tmp_path, monkeyp
         return records
 
     monkeypatch.setattr(train, "train", counting)
-    train.main(TINY + ["--compare", "--compile", "--device", device, "--seeds", "1", "--max-iters", "2", "--eval-interval", "2",
+    compare.main(TINY + ["--compile", "--device", device, "--seeds", "1", "--max-iters", "2", "--eval-interval", "2",
                        "--out-dir", str(tmp_path)])
     assert len(compiled_during) == 2 and all(n > 0 for n in compiled_during), compiled_during
 
@@ -302,11 +348,11 @@ def test_paired_statistics_give_the_textbook_answers():
 
 
 def test_equal_compute_trains_ntp_for_nitps_flops_on_the_same_batches(device, tmp_path, capsys):
-    """--equal-compute adds NTP trained for max_iters × (1 + NITP's analytic FLOP overhead) steps, its warm-up
+    """compare.py --equal-compute adds NTP trained for max_iters × (1 + NITP's analytic FLOP overhead) steps, its warm-up
     and evaluation interval stretched alike, from the same weights and on the same batches as the NTP run (its
     first max_iters batches are theirs). The summary and the plain words say both: at equal steps, at equal
     compute."""
-    train.main(TINY + exact(device) + ["--compare", "--equal-compute", "--seeds", "1", "--max-iters", "20", "--eval-interval", "8",
+    compare.main(TINY + exact(device) + ["--equal-compute", "--seeds", "1", "--max-iters", "20", "--eval-interval", "8",
                        "--out-dir", str(tmp_path)])
     result = json.loads((tmp_path / "compare.json").read_text())
     overhead = result["nitp_flop_overhead"]
@@ -330,9 +376,9 @@ def test_equal_compute_trains_ntp_for_nitps_flops_on_the_same_batches(device, tm
 
 
 def test_the_ablation_table_runs_every_switch_beside_the_papers_numbers(device, tmp_path, capsys):
-    """--ablations trains NTP, NITP and one run per ablation switch for each seed, and prints and saves the
+    """ablations.py trains NTP, NITP and one run per ablation switch for each seed, and prints and saves the
     table of deltas against NTP with the paper's score beside each row."""
-    train.main(TINY + ["--ablations", "--device", device, "--seeds", "2", "--max-iters", "2", "--out-dir", str(tmp_path)])
+    ablations.main(TINY + ["--device", device, "--seeds", "2", "--max-iters", "2", "--out-dir", str(tmp_path)])
     table = json.loads((tmp_path / "ablations.json").read_text())["table"]
     assert list(table) == ["NITP", *ablations.ABLATIONS]
     assert all(len(row["erank"]["delta"]) == 2 and row["erank"]["t_test_p"] is not None for row in table.values())

@@ -239,7 +239,7 @@ def test_the_device_check_runs_a_kernel(monkeypatch):
 
 
 def test_the_device_check_plans_what_each_device_can_run(monkeypatch, tmp_path):
-    """device_check.py: the suite, bench.py in each precision the device trains in, --compare, --compile (not
+    """device_check.py: the suite, bench.py in each precision the device trains in, compare.py, --compile (not
     on MPS) and torchrun over nccl (only with 2+ GPUs)."""
     def planned(kind, capability=(9, 0), gpus=1):
         gpu_of_capability(monkeypatch, capability)
@@ -248,8 +248,8 @@ def test_the_device_check_plans_what_each_device_can_run(monkeypatch, tmp_path):
 
     assert planned("cuda", gpus=2) == [
         "the test suite", "bench.py, float32", "bench.py, bfloat16", "bench.py, float16",
-        "300 steps of --compare --seeds 1", "--compile, NITP", "--compile, NITP on MoE",
+        "300 steps of compare.py --seeds 1", "--compile, NITP", "--compile, NITP on MoE",
         "DDP, torchrun over nccl, 2 GPUs"]
     assert "bench.py, bfloat16" not in planned("cuda", capability=(7, 5))  # a T4: no native bf16
     assert not any("DDP" in what for what in planned("cuda"))
-    assert planned("mps") == ["the test suite", "bench.py, float32", "300 steps of --compare --seeds 1"]
+    assert planned("mps") == ["the test suite", "bench.py, float32", "300 steps of compare.py --seeds 1"]

@@ -190,9 +190,7 @@ BAD_INPUTS = {
     "out-dir that cannot be created": (["--out-dir", "/proc/nitp-run"], "cannot write"),
     "infinite learning rate": (["--learning-rate", "inf"], "finite"),
     "NaN lambda": (["--nitp", "--nitp-lambda", "nan"], "finite"),
-    "equal compute without --compare": (["--equal-compute"], "add --compare"),
-    "ablations and --compare at once": (["--ablations", "--compare"], "drop --compare"),
-    "a bad ablation setting, before any run": (["--ablations", "--n-layer", "2", "--nitp-layer", "2"], "0..1"),
+    "an experiment's flag": (["--seeds", "3"], "unrecognized"),
 }
 
 

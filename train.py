@@ -2,7 +2,7 @@
 
     python train.py            # the NTP baseline
     python train.py --nitp     # the same run with the NITP loss added
-    python train.py --compare  # both, side by side, over three seeds (compare.py)
+    python compare.py          # both, side by side, over three seeds
     torchrun --standalone --nproc_per_node=8 train.py --nitp   # data-parallel (DDP) over 8 GPUs
 
 Every run writes OUT_DIR/metrics.jsonl (one line per step, one per eval) and OUT_DIR/ckpt.pt.
@@ -27,10 +27,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
-import compare
 import devices
-import probe
-from data import Dataset, get_batch, get_tokenizer, labelled_sections, load_dataset
+from data import Dataset, get_batch, get_tokenizer, load_dataset
 from evaluate import evaluate, model_size, nitp_diagnostics, print_evaluation, validation_batches
 from flags import check_out_dir, fail, parse_args, say
 from model import GPT, GPTConfig, MoE
@@ -102,8 +100,8 @@ def nitp_config(args: argparse.Namespace) -> NITPConfig | None:
     if not args.nitp:
         return None
     config = NITPConfig(lam=args.nitp_lambda, layer=args.nitp_layer, shift=args.nitp_shift,
-                        stopgrad=not args.nitp_no_stopgrad, head=args.nitp_head, loss=args.nitp_loss,
-                        start=args.nitp_start)
+                        stopgrad=not args.nitp_no_stopgrad, head=args.nitp_head, head_width=args.nitp_head_width,
+                        loss=args.nitp_loss, start=args.nitp_start)
     target_layer(config, args.n_layer)  # in range for this depth
     return config
 
@@ -445,40 +443,25 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_out_dir(args.out_dir)
         ckpt = None
-        if args.resume or args.probe:  # the run's settings come from its checkpoint, except what flags may change
+        if args.resume:  # the run's settings come from its checkpoint, except what flags may change
             ckpt = checkpoint.load(args.out_dir)
             args = parse_args(argv, saved=ckpt["args"])
-        if args.compare or args.ablations:  # every run's settings are checked before the first one trains
-            for run_args in compare.arms(args, args.seed).values():
-                check(run_args)
-        else:
-            run = setup(args, ckpt)
+        run = setup(args, ckpt)
     except ValueError as e:  # config, data, device, output folder and checkpoint problems: the user's to fix
         fail(str(e))
-    if args.probe:
-        sections = labelled_sections(args.data, run.dataset.tokenizer)
-        rows = probe.report({"this model": run.model}, sections, args.block_size, args.seed)
-        (Path(args.out_dir) / "probe.json").write_text(json.dumps(rows, indent=1))
-        return
-    if not (args.compare or args.ablations) and run.world_size > 1:
+    if run.world_size > 1:
         dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo")
     try:
-        if args.compare or args.ablations:
-            compare.compare(args)  # its own runs, in OUT_DIR/seed<S>-<arm>: no other one here
-        else:
-            train(run)
+        train(run)
     except Diverged as e:
         fail(str(e), status=3)
     except Interrupted as e:
         say(str(e), sys.stdout)
-        sys.exit(130)  # the shell's code for Ctrl-C: a caller (a script, --compare's next run) must not go on
+        sys.exit(130)  # the shell's code for Ctrl-C: a caller (a script, compare.py's next run) must not go on
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    # Run main() of the module `train`, not of this script's copy (`__main__`): compare.py imports `train`, and
-    # an exception that it lets through must be the same class (train.Diverged) that main() catches.
-    import train
-    train.main()
+    main()
