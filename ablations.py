@@ -22,7 +22,7 @@ from pathlib import Path
 import compare
 import stats
 import train
-from flags import check_out_dir, fail
+from machinery import check_out_dir, fail
 
 # name: (the flags that make the run, from the command line's; the paper's average score for it, or a note)
 ABLATIONS = {
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_out_dir(args.out_dir)
         for settings in compare.arms(args, args.seed, changes(args)).values():  # every run checked before the first
-            train.check(settings)
+            train.prepare(settings)
     except ValueError as e:
         fail(str(e), program="ablations.py")
     compare.run_or_exit(ablations, args, "ablations.py")

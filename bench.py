@@ -12,7 +12,7 @@ timed in interleaved rounds, so that a noisy, shared machine slows them alike; t
 round. The matmul peak (a square GEMM in the training dtype) is measured in every round too (it moves with the
 machine's load and clock), and the fraction of peak uses its median; the range is printed beside it.
 
-FLOPs per token are counted analytically, as in the PaLM paper (evaluate.flops_per_token).
+FLOPs per token are counted analytically, as in the PaLM paper (model.flops_per_token).
 """
 import argparse
 import statistics
@@ -21,10 +21,9 @@ import time
 
 import torch
 
-import flags
+import machinery
 import train
-from devices import autocast_for
-from evaluate import flops_per_token, model_size
+from model import flops_per_token, model_size
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, min_seconds: float = 0.05) -> float:
@@ -66,7 +65,7 @@ VARIANTS = {  # name: (n_expert, top_k, NITP on)
 
 
 def make_parser():
-    parser = flags.make_parser()
+    parser = machinery.make_parser()
     parser.description = __doc__.splitlines()[0]
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--steps-per-round", type=int, default=5, help="training steps per variant per round")
@@ -81,25 +80,23 @@ def main(argv: list[str] | None = None) -> None:
              if any(a == flag or a.startswith(flag + "=") for a in argv)]
     if given:
         parser.error(f"bench.py times training steps of its own variants: drop {', '.join(given)}")
-    args = flags.parse_args(argv, parser=parser)
+    args = machinery.parse_args(argv, parser=parser)
     try:
         runs = {}
         for name, (n_expert, top_k, use_nitp) in VARIANTS.items():
             variant = argparse.Namespace(**{**vars(args), "n_expert": n_expert, "top_k": top_k, "nitp": use_nitp})
-            runs[name] = train.build(variant, train.check(variant))
+            runs[name] = train.build(variant, train.prepare(variant))
     except ValueError as e:
-        flags.fail(str(e))
-    device, dtype = runs["NTP (dense)"].device, runs["NTP (dense)"].dtype
-    autocast = autocast_for(device, dtype)
-    loss_fns = {name: train.loss_module(run, train.compiled(run.model) if args.compile else run.model)
-                for name, run in runs.items()}
+        machinery.fail(str(e), program="bench.py")
+    device, dtype = runs["NTP (dense)"].device, runs["NTP (dense)"].precision.dtype
+    loss_fns = {name: train.training_loss(run) for name, run in runs.items()}
 
     def run_steps(name: str) -> float:
         """ms per step of `name`, over --steps-per-round steps of train.py's own train_step."""
         sync(device)
         t0 = time.perf_counter()
         for _ in range(args.steps_per_round):
-            train.train_step(runs[name], loss_fns[name], autocast)
+            train.train_step(runs[name], loss_fns[name])
         sync(device)
         return 1000 * (time.perf_counter() - t0) / args.steps_per_round
 

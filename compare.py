@@ -39,10 +39,9 @@ import probe
 import stats
 import train
 from data import get_tokenizer
-from evaluate import flops_per_token
-from flags import check_out_dir, fail, make_parser, say
-from flags import parse_args as flags_parse_args
-from model import GPT
+from machinery import check_out_dir, fail, make_parser, say
+from machinery import parse_args as train_parse_args
+from model import GPT, flops_per_token
 from nitp import NITP, NITPConfig, target_layer
 
 # key in the eval records, label, format, and which direction the paper says NITP moves it (None: no claim)
@@ -468,7 +467,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
                                 "picture; a few seconds more per model)")
         group.add_argument("--pool", nargs="+", metavar="OUT_DIR",
                            help="train nothing: summarize the seeds of these finished comparisons together")
-    args = flags_parse_args(argv, parser=parser)
+    args = train_parse_args(argv, parser=parser)
     if "RANK" in os.environ:
         parser.error(f"{parser.prog} trains its runs one after another in one process: start it with python, "
                      f"not torchrun")
@@ -487,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
             pool(args.pool, args.out_dir)
             return
         for settings in arms(args, args.seed, arm_changes(args)).values():  # every run checked before the first
-            train.check(settings)
+            train.prepare(settings)
     except ValueError as e:
         fail(str(e), program="compare.py")
     run_or_exit(compare, args, "compare.py")

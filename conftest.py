@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import nitp
 from model import GPT, GPTConfig
 from nitp import NITP, NITPConfig
 
@@ -73,7 +74,7 @@ def read_metrics(out_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-# Poisons for the NaN/inf guard: replace train.training_loss's result with one of these
+# Poisons for the NaN/inf guard: replace the training loss's result (nitp.TrainingLoss) with one of these
 
 def poison_the_nitp_loss(loss, parts):
     parts["nitp"] = parts["nitp"] * float("nan")
@@ -83,3 +84,19 @@ def poison_the_nitp_loss(loss, parts):
 def poison_the_gradients(loss, parts):
     loss.register_hook(lambda grad: grad * float("inf"))  # the loss stays finite, its gradients do not
     return loss, parts
+
+
+def poison_training_loss(monkeypatch, poison, when, then=None) -> None:
+    """At the training steps where when(step) holds (counted from 1, as the logs count), nitp.TrainingLoss returns
+    poison(loss, parts) instead of its own result; then(), if given, is called just before, each time."""
+    real = nitp.TrainingLoss.forward
+
+    def poisoned(self, x, y, step=0):
+        loss, parts = real(self, x, y, step)
+        if not when(step + 1):  # `step` counts from 0 here
+            return loss, parts
+        if then is not None:
+            then()
+        return poison(loss, parts)
+
+    monkeypatch.setattr(nitp.TrainingLoss, "forward", poisoned)

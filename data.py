@@ -31,8 +31,6 @@ import numpy as np
 import tiktoken
 import torch
 
-from checkpoint import atomic_write
-
 PYTHON_REFERENCE = Path(__file__).resolve().parent / "corpus" / "python-reference.txt"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CACHE_DIR = Path(os.environ.get("NITP_CACHE_DIR", Path(__file__).resolve().parent / "data_cache"))
@@ -126,6 +124,19 @@ def load_text(source: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # Token cache and splits
+
+def atomic_write(path: Path, write) -> None:
+    """write(file) into a temporary file, flush it to disk, then rename it to path: a crash at any moment leaves
+    the old file or the new one, never half of one. The temporary name holds the process id, so that processes
+    writing the same file at once (DDP ranks filling the token cache) never write into each other's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
 
 def token_dtype(vocab_size: int) -> type:
     """The smallest unsigned integer type that holds every token id."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from devices import pick_device
+from machinery import pick_device
 
 HERE = Path(__file__).resolve().parent
 

@@ -3,6 +3,9 @@
 Nothing here is specific to NITP. `forward` hands back, beside the logits, the output of every block from
 the same pass (`block_outputs`, like Hugging Face's `output_hidden_states`): NITP takes its target from
 there (see nitp.py), and the evaluation measures the geometry of every layer.
+
+Reading order: the dense GPT first (config, attention, MLP, block, GPT), then what the experiments count
+(FLOPs, size), then the top-k Mixture-of-Experts layer that replaces the MLP when --n-expert > 1.
 """
 import contextlib
 import math
@@ -22,7 +25,7 @@ class GPTConfig:
     n_embd: int = 128
     # Mixture-of-Experts (see MoE below). n_expert = 1 is the dense GPT.
     n_expert: int = 1          # routed experts per MoE layer
-    top_k: int = 1             # experts each token is sent to
+    experts_per_token: int = 1  # k of top-k routing: the experts each token is sent to (--top-k)
     n_shared: int = 0          # always-on shared experts per MoE layer
     n_dense_layers: int = 1    # the first blocks keep a dense MLP, as in the paper's models
     aux_loss_coef: float = 0.01  # weight of the load-balancing loss
@@ -36,7 +39,8 @@ class GPTConfig:
             (self.n_head >= 1, f"n_head must be at least 1, got {self.n_head}"),
             (self.n_embd >= 1, f"n_embd must be at least 1, got {self.n_embd}"),
             (self.n_expert >= 1, f"n_expert must be at least 1, got {self.n_expert}"),
-            (1 <= self.top_k <= self.n_expert, f"top_k must be in 1..n_expert={self.n_expert}, got {self.top_k}"),
+            (1 <= self.experts_per_token <= self.n_expert,
+             f"--top-k (experts per token) must be in 1..n_expert={self.n_expert}, got {self.experts_per_token}"),
             (self.n_shared >= 0, f"n_shared must be >= 0, got {self.n_shared}"),
             (self.n_dense_layers >= 0, f"n_dense_layers must be >= 0, got {self.n_dense_layers}"),
             (self.n_expert == 1 or self.n_dense_layers < self.n_layer,
@@ -90,62 +94,6 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))  # (B, T, d) -> (B, T, 4d) -> (B, T, d)
 
 
-class MoE(nn.Module):
-    """Top-k Mixture-of-Experts: a router sends each token to k of E expert MLPs, plus S shared experts.
-
-    Dropless: every token reaches its k experts (no capacity limit). Each expert runs only on the tokens
-    routed to it, so the cost grows with k, not with E."""
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.top_k = config.top_k
-        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
-        self.shared = nn.ModuleList(MLP(config) for _ in range(config.n_shared))
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (N, d) tokens. Returns the router logits and probabilities (N, E), and each token's k experts
-        with their gate weights (N, k)."""
-        # Routing decisions in fp32, out of autocast. Only CUDA and the CPU ever autocast here (MPS trains in
-        # fp32, and torch before 2.5 refuses even a disabled autocast on MPS), so only they need the switch.
-        fp32 = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") \
-            else contextlib.nullcontext()
-        with fp32:
-            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
-        probs = logits.softmax(dim=-1)                       # (N, E) softmax over all experts
-        # The gates are the chosen experts' probabilities themselves, not renormalized over the k (Switch,
-        # DeepSeek-V2). Renormalizing (Mixtral) would make the single gate of top-1 routing exactly 1, and
-        # the router would learn from the balancing loss alone, never from the LM loss.
-        gates, chosen = probs.topk(self.top_k, dim=-1)       # (N, k), (N, k); each row sums to at most 1
-        return logits, probs, gates, chosen
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        B, T, d = x.shape
-        x = x.reshape(B * T, d)                              # (N, d) tokens
-        logits, probs, gates, chosen = self.route(x)
-        # Group the N·k routed slots by expert, run each expert once on its own tokens, scatter back.
-        slot_expert = chosen.flatten()                            # (N·k,) the expert of each slot
-        order = slot_expert.argsort(stable=True)                  # (N·k,) slots sorted by expert
-        counts = torch.bincount(slot_expert, minlength=len(self.experts))  # (E,) tokens per expert
-        token = order // self.top_k                               # (N·k,) the token of each sorted slot
-        # counts.tolist() waits for the device, once per MoE layer and forward pass (and splits a compiled
-        # graph there): the price of running each expert on exactly its own tokens, with plain Python.
-        chunks = x[token].split(counts.tolist())                  # E pieces of (n_e, d)
-        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (N·k, d)
-        y = y * gates.flatten()[order, None]                      # weight by the gate
-        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # (N, d) sum of each token's k experts
-        for expert in self.shared:
-            out = out + expert(x)
-
-        # Load balancing (Switch / Mixtral): E · sum_i f_i · P_i, where f_i is the fraction of the N·k routed
-        # slots that went to expert i and P_i the mean router probability of expert i. Uniform routing
-        # gives 1; everything on one expert gives E. f is a count (no gradient); P carries it to the router.
-        share = counts.float() / slot_expert.numel()              # (E,) f
-        balance = len(self.experts) * (share * probs.mean(dim=0)).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()  # keeps router logits small (ST-MoE)
-        return out.view(B, T, d), {"balance": balance, "z": z_loss, "share": share}
-
-
 class Block(nn.Module):
     """Pre-LN: x + attn(ln(x)), then x + mlp(ln(x))."""
 
@@ -154,7 +102,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MoE(config) if moe else MLP(config)
+        self.mlp = MoE(config) if moe else MLP(config)  # MoE: at the end of this file
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict | None]:
         """Returns the new residual stream, and the router's statistics if this is an MoE block."""
@@ -195,7 +143,7 @@ class GPT(nn.Module):
         if active:
             for block in self.blocks:
                 if isinstance(block.mlp, MoE):
-                    unused = len(block.mlp.experts) - block.mlp.top_k
+                    unused = len(block.mlp.experts) - block.mlp.experts_per_token
                     total -= unused * sum(p.numel() for p in block.mlp.experts[0].parameters())
         return total
 
@@ -242,3 +190,82 @@ class GPT(nn.Module):
             next_token = torch.multinomial(probs, num_samples=1).to(idx.device)  # (B, 1)
             idx = torch.cat([idx, next_token], dim=1)
         return idx
+
+
+def flops_per_token(model: GPT, head: nn.Module | None = None) -> float:
+    """Training FLOPs per token, counted as in the PaLM paper: 6 per weight a token passes through (2 forward,
+    4 backward), counting k of the E routed experts and the tied LM head but not the embedding lookups, plus
+    attention, 12 · n_layer · block_size · d. A training-only head (NITP's) adds 6 · its weights: 6 · 12d² for
+    the paper's SwiGLU."""
+    c = model.config
+    weights = model.num_params(active=True) - model.wpe.weight.numel()
+    extra = sum(p.numel() for p in head.parameters()) if head is not None else 0
+    return 6 * (weights + extra) + 12 * c.n_layer * c.block_size * c.n_embd
+
+
+def model_size(model: GPT) -> str:
+    """Parameters, named as the paper names its models: total, and active per token for MoE ("1.9B-A0.3B")."""
+    def short(n: int) -> str:
+        return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+    total, active = model.num_params(), model.num_params(active=True)
+    return short(total) if total == active else f"{short(total)}-A{short(active)}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixture of Experts: in a model with n_expert > 1, the blocks after the first n_dense_layers use this in place
+# of the MLP. The dense GPT above never touches it.
+
+class MoE(nn.Module):
+    """Top-k Mixture-of-Experts: a router sends each token to k of E expert MLPs, plus S shared experts.
+
+    Dropless: every token reaches its k experts (no capacity limit). Each expert runs only on the tokens
+    routed to it, so the cost grows with k, not with E."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.experts_per_token = config.experts_per_token
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_expert))
+        self.shared = nn.ModuleList(MLP(config) for _ in range(config.n_shared))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, d) tokens. Returns the router logits and probabilities (N, E), and each token's k experts
+        with their gate weights (N, k)."""
+        # Routing decisions in fp32, out of autocast. Only CUDA and the CPU ever autocast here (MPS trains in
+        # fp32, and torch before 2.5 refuses even a disabled autocast on MPS), so only they need the switch.
+        fp32 = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cuda", "cpu") \
+            else contextlib.nullcontext()
+        with fp32:
+            logits = F.linear(x.float(), self.router.weight.float())  # (N, E)
+        probs = logits.softmax(dim=-1)                       # (N, E) softmax over all experts
+        # The gates are the chosen experts' probabilities themselves, not renormalized over the k (Switch,
+        # DeepSeek-V2). Renormalizing (Mixtral) would make the single gate of top-1 routing exactly 1, and
+        # the router would learn from the balancing loss alone, never from the LM loss.
+        gates, chosen = probs.topk(self.experts_per_token, dim=-1)       # (N, k), (N, k); each row sums to at most 1
+        return logits, probs, gates, chosen
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        B, T, d = x.shape
+        x = x.reshape(B * T, d)                              # (N, d) tokens
+        logits, probs, gates, chosen = self.route(x)
+        # Group the N·k routed slots by expert, run each expert once on its own tokens, scatter back.
+        slot_expert = chosen.flatten()                            # (N·k,) the expert of each slot
+        order = slot_expert.argsort(stable=True)                  # (N·k,) slots sorted by expert
+        counts = torch.bincount(slot_expert, minlength=len(self.experts))  # (E,) tokens per expert
+        token = order // self.experts_per_token                              # (N·k,) the token of each sorted slot
+        # counts.tolist() waits for the device, once per MoE layer and forward pass (and splits a compiled
+        # graph there): the price of running each expert on exactly its own tokens, with plain Python.
+        chunks = x[token].split(counts.tolist())                  # E pieces of (n_e, d)
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])  # (N·k, d)
+        y = y * gates.flatten()[order, None]                      # weight by the gate
+        out = torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # (N, d) sum of each token's k experts
+        for expert in self.shared:
+            out = out + expert(x)
+
+        # Load balancing (Switch / Mixtral): E · sum_i f_i · P_i, where f_i is the fraction of the N·k routed
+        # slots that went to expert i and P_i the mean router probability of expert i. Uniform routing
+        # gives 1; everything on one expert gives E. f is a count (no gradient); P carries it to the router.
+        share = counts.float() / slot_expert.numel()              # (E,) f
+        balance = len(self.experts) * (share * probs.mean(dim=0)).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()  # keeps router logits small (ST-MoE)
+        return out.view(B, T, d), {"balance": balance, "z": z_loss, "share": share}

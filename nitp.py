@@ -144,21 +144,57 @@ class NITP(nn.Module):
         return torch.where(mask, distances, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def training_loss(model: nn.Module, nitp: NITP | None, x: torch.Tensor, y: torch.Tensor,
-                  step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One training step's loss, from ONE backbone pass: L_NTP + λ · L_NITP (+ the MoE auxiliary loss).
+class TrainingLoss(nn.Module):
+    """The training objective, from ONE backbone pass: L = L_NTP + λ · L_NITP (+ the MoE balancing loss).
 
-    Returns the total (to backpropagate) and its parts (to log). With nitp=None this is plain NTP."""
-    out = model(x, y)
-    parts = {"lm": out.loss}
-    total = out.loss
-    if nitp is not None and step >= nitp.config.start:
-        parts["nitp"] = nitp(out.hidden, out.block_outputs[nitp.layer])  # h, and z from the same pass
-        total = total + nitp.config.lam * parts["nitp"]
-    if out.aux_loss is not None:  # MoE models: router load balancing, already weighted
-        parts["moe_aux"] = out.aux_loss
-        total = total + out.aux_loss
-    return total, parts
+    One module holding the backbone and the NITP head, so that one optimizer (and, under torchrun, one
+    DistributedDataParallel) sees both. With nitp=None it is plain NTP. forward returns the total, to
+    backpropagate, and its parts, to log."""
+
+    def __init__(self, model: nn.Module, nitp: NITP | None):
+        super().__init__()
+        self.model, self.nitp = model, nitp
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.model(x, y)  # logits, h, and every block's output: NITP needs no second pass
+        parts = {"lm": out.loss}
+        total = out.loss
+        if self.nitp is not None and step >= self.nitp.config.start:
+            parts["nitp"] = self.nitp(out.hidden, out.block_outputs[self.nitp.layer])  # h, and z from the same pass
+            total = total + self.nitp.config.lam * parts["nitp"]                       # L_NTP + λ · L_NITP
+        if out.aux_loss is not None:  # MoE models: router load balancing, already weighted
+            parts["moe_aux"] = out.aux_loss
+            total = total + out.aux_loss
+        return total, parts
+
+
+def diagnostics(model: nn.Module, nitp: NITP, x: torch.Tensor, y: torch.Tensor, autocast) -> dict:
+    """Is NITP alive, or inert, or collapsing? Measured on one batch (the evaluation's first), outside training:
+      nitp_cos                  mean cos(P(h_t), z_{t+1}): near 0 if the head predicts nothing
+      pred_norm, target_norm    mean L2 norms of P(h_t) and of z_{t+1}: a collapse shows as a norm going to 0
+      grad_lm, grad_nitp        norms of the backbone's gradients of L_NTP and of λ·L_NITP
+      grad_nitp_share           grad_nitp / (grad_lm + grad_nitp): NITP's share of what moves the backbone
+      grad_cos                  cosine between those two gradients: do the losses pull the same way?
+    The gradients come from torch.autograd.grad: the .grad that the optimizer reads is not touched."""
+    was_training = model.training
+    model.eval()
+    backbone = list(model.parameters())
+    with torch.enable_grad(), autocast:
+        out = model(x, y)
+        h, z = out.hidden, out.block_outputs[nitp.layer]            # (B, T, d) each
+        pred, target = nitp.pairs(h, z)                             # (B, T-s, d) each: P(h_t), z_{t+s}
+        weighted_nitp = nitp.config.lam * nitp(h, z)
+    grads = [torch.autograd.grad(loss, backbone, retain_graph=True, allow_unused=True)
+             for loss in (out.loss, weighted_nitp)]
+    model.train(was_training)
+    g_lm, g_nitp = (torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                               for g, p in zip(gs, backbone)]) for gs in grads)  # (n_params,) each
+    norm_lm, norm_nitp = g_lm.norm().item(), g_nitp.norm().item()
+    return {"nitp_cos": F.cosine_similarity(pred, target, dim=-1).mean().item(),
+            "pred_norm": pred.norm(dim=-1).mean().item(), "target_norm": target.norm(dim=-1).mean().item(),
+            "grad_lm": norm_lm, "grad_nitp": norm_nitp,
+            "grad_nitp_share": norm_nitp / (norm_lm + norm_nitp) if norm_lm + norm_nitp > 0 else 0.0,
+            "grad_cos": F.cosine_similarity(g_lm, g_nitp, dim=0).item()}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT
 
 TARGETS = ("quote", "brackets", "indent", "column", "byte t-1", "byte t-2", "byte t-4", "byte t-8",
            "byte t+1", "byte t+2", "byte t+3")
@@ -207,32 +207,31 @@ def print_table(rows: dict[str, dict], chances: dict[str, float | None]) -> None
 # python probe.py --out-dir OUT_DIR
 
 def main(argv: list[str] | None = None) -> None:
-    import checkpoint  # what a command needs, not the module: compare.py imports this file for Probes alone
+    import machinery  # what the command needs, not the module: compare.py imports this file for Probes alone
+    import train
     from data import get_tokenizer, load_dataset
-    from devices import pick_device
-    from flags import OneLineParser, check_out_dir, fail
 
-    parser = OneLineParser(prog="probe.py", description="Probe the frozen states of the model trained in --out-dir.")
+    parser = machinery.OneLineParser(prog="probe.py", description="Probe the frozen states of the model trained in --out-dir.")
     parser.add_argument("--out-dir", default="out", help="the run folder whose ckpt.pt to probe")
     parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device name")
     args = parser.parse_args(argv)
     try:
-        check_out_dir(args.out_dir)
-        saved = checkpoint.load(args.out_dir)
-        settings = saved["args"]
-        device = pick_device(args.device)
-        dataset = load_dataset(settings["data"], get_tokenizer(settings["tokenizer"]), settings["block_size"])
-        model = GPT(GPTConfig(**saved["model_config"]))
+        machinery.check_out_dir(args.out_dir)
+        saved = machinery.load(args.out_dir)
+        settings = machinery.parse_args([], saved=saved["args"])  # the run's own flags, as --resume reads them
+        device = machinery.pick_device(args.device)
+        dataset = load_dataset(settings.data, get_tokenizer(settings.tokenizer), settings.block_size)
+        if dataset.tokenizer.n_vocab != 256:
+            raise ValueError("the probes read bytes: probe a model trained with --tokenizer bytes")
+        model = GPT(train.model_config(settings, dataset.vocab_size))
         model.load_state_dict(saved["model"])
-    except (ValueError, RuntimeError, KeyError, TypeError) as e:
-        fail(f"{e}".splitlines()[0] if isinstance(e, ValueError) else
-             f"the checkpoint in {args.out_dir} does not hold a model this code can build ({type(e).__name__}); "
-             f"train one with train.py", program="probe.py")
-    if dataset.tokenizer.n_vocab != 256:
-        fail("the probes read bytes: probe a model trained with --tokenizer bytes", program="probe.py")
+    except (ValueError, RuntimeError) as e:
+        machinery.fail(str(e).splitlines()[0] if isinstance(e, ValueError) else
+                       f"the checkpoint in {args.out_dir} does not fit the model its flags describe; train one "
+                       f"with train.py", program="probe.py")
     model.to(device)
-    probes = Probes(np.asarray(dataset.val), settings["block_size"])
-    rows = {"this model": probes.of_model(model), **probes.baselines(model, settings["seed"])}
+    probes = Probes(np.asarray(dataset.val), settings.block_size)
+    rows = {"this model": probes.of_model(model), **probes.baselines(model, settings.seed)}
     print_table(rows, chance(probes))
     (Path(args.out_dir) / "probe.json").write_text(json.dumps({**rows, "chance": chance(probes)}, indent=1))
     print(f"probes: {Path(args.out_dir) / 'probe.json'}")

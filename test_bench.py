@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import bench
-import evaluate
-import flags
+import model
+import machinery
 import train
 from conftest import TINY, tiny_model, tiny_nitp
 
@@ -30,9 +30,9 @@ def test_the_speed_report_refuses_the_flags_it_would_ignore(capsys):
 
 
 def test_every_other_flag_reaches_each_timed_run_as_it_would_reach_a_training_run(monkeypatch):
-    """Each variant is built by train.py's own check() and build() from the full command line: the flags that
+    """Each variant is built by train.py's own prepare() and build() from the full command line: the flags that
     bench.py does not refuse all arrive, with only the MoE shape and NITP switch set per variant."""
-    dests = {a.dest for a in flags.make_parser()._actions if a.dest != "help"}
+    dests = {a.dest for a in machinery.make_parser()._actions if a.dest != "help"}
     assert dests == set(USED) | set(bench.REFUSED)  # a new train.py flag must be used or refused here
     built = []
 
@@ -41,14 +41,14 @@ def test_every_other_flag_reaches_each_timed_run_as_it_would_reach_a_training_ru
         if len(built) == len(bench.VARIANTS):
             raise ValueError("stop")  # bench.py turns this into its one-line error
 
-    monkeypatch.setattr(train, "check", lambda args: None)
+    monkeypatch.setattr(train, "prepare", lambda args: None)
     monkeypatch.setattr(train, "build", stop_at_build)
     for name, value in USED.items():
         flag = "--" + name.replace("_", "-")
         built.clear()
         with pytest.raises(SystemExit):
             bench.main([*SHAPE, flag, *value])
-        default = flags.make_parser().get_default(name)
+        default = machinery.make_parser().get_default(name)
         assert len(built) == len(bench.VARIANTS)
         if name != "nitp":  # the NITP switch is the variant's own
             assert all(getattr(args, name) != default for args in built), flag
@@ -58,11 +58,11 @@ def test_flops_per_token_add_the_head_and_count_only_the_k_experts_a_token_uses(
     """bench.py: the NITP head adds 6 · 12d² per token; top-2 of 8 experts costs one more expert per MoE layer
     (4 layers, the first dense: 3 MoE layers) than top-1, whatever E is."""
     d, dense = 16, tiny_model()
-    assert evaluate.flops_per_token(dense, tiny_nitp(d=d)) - evaluate.flops_per_token(dense, None) == 6 * 12 * d * d
-    k1, k2 = tiny_model(n_expert=8, top_k=1), tiny_model(n_expert=8, top_k=2)
+    assert model.flops_per_token(dense, tiny_nitp(d=d)) - model.flops_per_token(dense, None) == 6 * 12 * d * d
+    k1, k2 = tiny_model(n_expert=8, experts_per_token=1), tiny_model(n_expert=8, experts_per_token=2)
     expert = sum(p.numel() for p in k1.blocks[-1].mlp.experts[0].parameters())
-    assert evaluate.flops_per_token(k2, None) - evaluate.flops_per_token(k1, None) == 6 * 3 * expert
-    assert evaluate.flops_per_token(dense, None) == 6 * (dense.num_params() - 16 * 16) + 12 * 4 * 16 * 16
+    assert model.flops_per_token(k2, None) - model.flops_per_token(k1, None) == 6 * 3 * expert
+    assert model.flops_per_token(dense, None) == 6 * (dense.num_params() - 16 * 16) + 12 * 4 * 16 * 16
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])

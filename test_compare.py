@@ -8,13 +8,12 @@ import torch
 
 import ablations
 import compare
-import evaluate
-import flags
+import machinery
 import probe
 import stats
 import train
 from conftest import TINY, exact, read_metrics, same, tiny_nitp
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, flops_per_token
 from nitp import NITP, NITPConfig
 
 # ---------------------------------------------------------------------------------------------------- compare.py
@@ -38,7 +37,6 @@ def test_compare_starts_both_runs_from_the_same_weights_and_batches(device, tmp_
 
     monkeypatch.setattr(train, "setup", recording_setup)
     monkeypatch.setattr(train, "get_batch", recording_get_batch)
-    monkeypatch.setattr(evaluate, "get_batch", recording_get_batch)
     compare.main(TINY + ["--device", device, "--seeds", "1", "--max-iters", "4", "--eval-interval", "2",
                        "--out-dir", str(tmp_path)])
     ntp, nitp = initial_weights
@@ -167,7 +165,7 @@ def test_pooling_refuses_what_does_not_pool_with_one_line(case, tmp_path, capsys
 def test_compare_runs_three_seeds_of_train_pys_own_defaults():
     """compare.py is three seeds of the default run: the same model and schedule as `train.py --nitp`. Warm-up
     and evaluation follow --max-iters (a tenth each) unless given."""
-    plain, compared = train.parse_args([]), compare.parse_args([])
+    plain, compared = machinery.parse_args([]), compare.parse_args([])
     assert compared.seeds == 3
     # the pre-registered classroom setting (RESULTS.md, section 1)
     setting = {k: getattr(compared, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
@@ -177,9 +175,9 @@ def test_compare_runs_three_seeds_of_train_pys_own_defaults():
     assert vars(plain) == {k: v for k, v in vars(compared).items() if k in compare.TRAIN_FLAGS}
     assert vars(compare.arms(compared, 1337, compare.arm_changes(compared))["NITP"]) == \
         {**vars(plain), "nitp": True, "out_dir": "out/seed1337-nitp"}
-    chosen = train.parse_args(["--max-iters=60", "--eval-interval", "7"])
+    chosen = machinery.parse_args(["--max-iters=60", "--eval-interval", "7"])
     assert (chosen.warmup_iters, chosen.eval_interval) == (6, 7)
-    assert train.parse_args(["--max-iters", "3"]).eval_interval == 1
+    assert machinery.parse_args(["--max-iters", "3"]).eval_interval == 1
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -356,11 +354,11 @@ def test_equal_compute_trains_ntp_for_nitps_flops_on_the_same_batches(device, tm
                        "--out-dir", str(tmp_path)])
     result = json.loads((tmp_path / "compare.json").read_text())
     overhead = result["nitp_flop_overhead"]
-    args = flags.parse_args(TINY)
+    args = machinery.parse_args(TINY)
     with torch.device("meta"):
         model = GPT(train.model_config(args, 256))
         head = NITP(NITPConfig(), args.n_layer, args.n_embd)
-    assert overhead == pytest.approx(evaluate.flops_per_token(model, head) / evaluate.flops_per_token(model, None) - 1)
+    assert overhead == pytest.approx(flops_per_token(model, head) / flops_per_token(model, None) - 1)
     matched = read_metrics(tmp_path / "seed1337-ntp-equal-compute")
     steps = [r for r in matched if not r.get("eval")]
     stretch = 1 + overhead

@@ -1,4 +1,4 @@
-"""Tests of devices and precision (devices.py): the choices, mocked where the device is absent; autocast on the CPU."""
+"""Tests of devices and precision (machinery.py): the choices, mocked where the device is absent; autocast on the CPU."""
 import sys
 import traceback
 import warnings
@@ -10,10 +10,10 @@ import torch
 
 import data
 import device_check
-import devices
-import flags
+import machinery
 import train
-from conftest import TINY, exact, poison_the_gradients, poison_the_nitp_loss, read_metrics, tiny_model, tokens
+from conftest import (TINY, exact, poison_the_gradients, poison_the_nitp_loss, poison_training_loss, read_metrics,
+                      tiny_model, tokens)
 from nitp import anisotropy, effective_rank
 
 # ---------------------------------------------------------------------------------------------------- devices and precision
@@ -32,29 +32,29 @@ def gpu_of_capability(monkeypatch, capability: tuple[int, int]) -> None:
     (CPU, None, torch.float32), (MPS, None, torch.float32)])
 def test_auto_precision_follows_the_device(kind, capability, expected, monkeypatch):
     gpu_of_capability(monkeypatch, capability)
-    assert devices.pick_dtype("auto", kind) == expected
+    assert machinery.pick_dtype("auto", kind) == expected
 
 
 def test_a_precision_the_device_cannot_run_is_refused(monkeypatch):
     gpu_of_capability(monkeypatch, (7, 5))
     with pytest.raises(ValueError, match="compute capability 7.5.*float16"):
-        devices.pick_dtype("bfloat16", CUDA)
-    assert devices.pick_dtype("float16", CUDA) == torch.float16 and devices.pick_dtype("float32", CUDA) == torch.float32
+        machinery.pick_dtype("bfloat16", CUDA)
+    assert machinery.pick_dtype("float16", CUDA) == torch.float16 and machinery.pick_dtype("float32", CUDA) == torch.float32
     for dtype in ("bfloat16", "float16"):
         with pytest.raises(ValueError, match="MPS.*float32"):
-            devices.pick_dtype(dtype, MPS)
-    assert [devices.pick_dtype(d, CPU) for d in ("bfloat16", "float16")] == [torch.bfloat16, torch.float16]
+            machinery.pick_dtype(dtype, MPS)
+    assert [machinery.pick_dtype(d, CPU) for d in ("bfloat16", "float16")] == [torch.bfloat16, torch.float16]
 
 
 def test_compile_is_refused_where_it_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="MPS"):
-        devices.check_compile(MPS)
+        machinery.check_compile(MPS)
     gpu_of_capability(monkeypatch, (6, 1))  # a GTX 10xx: below Triton's minimum
     with pytest.raises(ValueError, match="7.0"):
-        devices.check_compile(CUDA)
+        machinery.check_compile(CUDA)
     gpu_of_capability(monkeypatch, (7, 5))
-    devices.check_compile(CUDA)
-    devices.check_compile(CPU)
+    machinery.check_compile(CUDA)
+    machinery.check_compile(CPU)
 
 
 def low_precision(device: str, dtype: str) -> None:
@@ -71,10 +71,10 @@ def test_nitp_with_moe_trains_under_autocast_with_the_router_in_fp32(dtype, devi
     stays in fp32, and a few training steps of NITP on an MoE model give finite losses."""
     name = str(dtype).removeprefix("torch.")
     low_precision(device, name)
-    model = tiny_model(n_expert=4, top_k=2).to(device)
+    model = tiny_model(n_expert=4, experts_per_token=2).to(device)
     router_logits = []
     model.blocks[1].mlp.register_forward_hook(lambda m, i, o: router_logits.append(m.route(i[0].flatten(0, 1))[0]))
-    with devices.autocast_for(torch.device(device), dtype):
+    with machinery.autocast_for(torch.device(device), dtype):
         out = model(tokens().to(device), tokens(seed=1).to(device))
     assert out.logits.dtype == dtype and router_logits[0].dtype == torch.float32
     train.main(TINY + ["--nitp", "--device", device, "--n-expert", "4", "--top-k", "2", "--dtype", name,
@@ -87,16 +87,6 @@ def test_nitp_with_moe_trains_under_autocast_with_the_router_in_fp32(dtype, devi
     assert name in capsys.readouterr().out.splitlines()[0]
 
 
-def poison_once_at_step_6(monkeypatch, poison) -> None:
-    real_training_loss = train.training_loss
-
-    def poisoned(model, nitp, x, y, step):
-        loss, parts = real_training_loss(model, nitp, x, y, step)
-        return poison(loss, parts) if step + 1 == 6 else (loss, parts)
-
-    monkeypatch.setattr(train, "training_loss", poisoned)
-
-
 def test_under_fp16_inf_gradients_skip_the_step_and_the_run_goes_on(device, tmp_path, monkeypatch):
     """With --dtype float16 the gradient scaler owns overflow: step 6's inf gradients make it skip that update
     and halve its scale, the run finishes, and metrics.jsonl marks the step as skipped. (The scaler may also
@@ -104,7 +94,7 @@ def test_under_fp16_inf_gradients_skip_the_step_and_the_run_goes_on(device, tmp_
     low_precision(device, "float16")
     args = TINY + exact(device) + ["--nitp", "--dtype", "float16", "--max-iters", "8", "--eval-interval", "8"]
     train.main(args + ["--out-dir", str(tmp_path / "clean")])
-    poison_once_at_step_6(monkeypatch, poison_the_gradients)
+    poison_training_loss(monkeypatch, poison_the_gradients, when=lambda step: step == 6)
     train.main(args + ["--out-dir", str(tmp_path / "poisoned")])
     skipped = [{r["step"] for r in read_metrics(tmp_path / run) if r.get("skipped")} for run in ("clean", "poisoned")]
     assert 6 not in skipped[0] and skipped[1] == skipped[0] | {6}
@@ -116,7 +106,7 @@ def test_under_fp16_inf_gradients_skip_the_step_and_the_run_goes_on(device, tmp_
 
 def test_under_fp16_a_nan_loss_still_stops_the_run(device, tmp_path, monkeypatch, capsys):
     low_precision(device, "float16")
-    poison_once_at_step_6(monkeypatch, poison_the_nitp_loss)
+    poison_training_loss(monkeypatch, poison_the_nitp_loss, when=lambda step: step == 6)
     with pytest.raises(SystemExit) as exit_info:
         train.main(TINY + ["--nitp", "--device", device, "--dtype", "float16", "--max-iters", "8",
                            "--out-dir", str(tmp_path)])
@@ -124,26 +114,26 @@ def test_under_fp16_a_nan_loss_still_stops_the_run(device, tmp_path, monkeypatch
 
 
 def test_metrics_give_the_same_numbers_for_states_in_any_dtype_on_any_device():
-    """Effective rank and anisotropy compute in fp32 on the CPU, whatever the states' dtype and device."""
+    """Effective rank and anisotropy compute in float64 on the CPU, whatever the states' dtype and device."""
     states = torch.randn(200, 16, generator=torch.Generator().manual_seed(0)) @ torch.randn(16, 16)
-    devices = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+    present = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         rounded = states.to(dtype)
         expected = (effective_rank(rounded.float()), anisotropy(rounded.float()))
-        for device in devices:
+        for device in present:
             assert (effective_rank(rounded.to(device)), anisotropy(rounded.to(device))) == expected, (dtype, device)
 
 
 def test_train_py_reads_one_value_per_step(tmp_path, monkeypatch):
-    """On a GPU, reading a tensor's value waits for all queued work. train.py reads one value per step, in
+    """On a GPU, reading a tensor's value waits for all queued work. A training step reads one value, in
     sync_step (the NaN/inf guard); the loss terms stay on the device until a log line needs them, and are
-    then read in one go (flush). This counts only the reads made in train.py, on the CPU; on CUDA the next
-    test counts every sync, the ones inside torch included."""
+    then read in one go (flush). This counts only the reads made in train.py and machinery.py, on the CPU; on
+    CUDA the next test counts every sync, the ones inside torch included."""
     reads = []
     for method in ("item", "tolist"):
         def reading(self, *args, real=getattr(torch.Tensor, method)):
             caller = sys._getframe(1).f_code
-            if caller.co_filename == train.__file__:
+            if caller.co_filename in (train.__file__, machinery.__file__):
                 reads.append(caller.co_name)
             return real(self, *args)
         monkeypatch.setattr(torch.Tensor, method, reading)
@@ -153,6 +143,7 @@ def test_train_py_reads_one_value_per_step(tmp_path, monkeypatch):
     assert reads.pop("sync_step") == 12
     assert reads.pop("flush") == 4          # steps 4, 6 (eval), 8, 12
     assert reads.pop("train") == 1          # the sample, after training
+    assert reads.pop("run_a_kernel") == 1   # the device check, once before training
     assert set(reads) <= {"evaluate"}       # the evaluations (steps 0, 6, 12) read what they print
     assert [r["step"] for r in read_metrics(tmp_path) if not r.get("eval")] == list(range(1, 13))
 
@@ -176,16 +167,16 @@ def test_on_cuda_a_dense_training_step_waits_for_the_gpu_once_in_sync_step(dtype
     once: sync_step's read of the NaN guard. Each report names the line of train.py that led to it."""
     if dtype == "bfloat16" and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("this GPU has no native bfloat16")
-    run = train.setup(flags.parse_args(TINY + ["--nitp", "--device", "cuda", "--dtype", dtype,
+    run = train.setup(machinery.parse_args(TINY + ["--nitp", "--device", "cuda", "--dtype", dtype,
                                                "--out-dir", str(tmp_path)]))
-    loss_fn, autocast = train.loss_module(run, run.model), devices.autocast_for(run.device, run.dtype)
-    train.train_step(run, loss_fn, autocast)  # the first step also creates the optimizer state
+    loss_fn = train.training_loss(run)
+    train.train_step(run, loss_fn)  # the first step also creates the optimizer state
     syncs = []
 
     def record(message, *rest, **kw):
         if "synchronizing" in str(message):
-            frames = [f for f in traceback.extract_stack() if f.filename == train.__file__]
-            syncs.append(f"{frames[-1].name}: {frames[-1].line}" if frames else "outside train.py")
+            frames = [f for f in traceback.extract_stack() if f.filename in (train.__file__, machinery.__file__)]
+            syncs.append(f"{frames[-1].name}: {frames[-1].line}" if frames else "outside train.py and machinery.py")
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -193,7 +184,7 @@ def test_on_cuda_a_dense_training_step_waits_for_the_gpu_once_in_sync_step(dtype
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(3):
-                train.train_step(run, loss_fn, autocast)
+                train.train_step(run, loss_fn)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert syncs == ["sync_step: bad, interrupted = (flags > 0).tolist()  # the sync"] * 3, syncs
@@ -208,7 +199,7 @@ def test_on_cuda_a_batch_travels_through_one_contiguous_pinned_copy(monkeypatch)
     sources = []
     real_to = torch.Tensor.to
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: sources.append(self) or real_to(self, *a, **kw))
-    moved = devices.to_device(x, torch.device("cuda"))
+    moved = machinery.to_device(x, torch.device("cuda"))
     assert torch.equal(moved.cpu(), x)
     assert sources[0].is_pinned() and sources[0].is_contiguous()
 
@@ -220,12 +211,12 @@ def test_a_gpu_that_the_build_has_no_kernels_for_is_refused_with_the_build_to_in
         raise RuntimeError("CUDA error: no kernel image is available for execution on the device\n"
                            "CUDA kernel errors might be asynchronously reported at some other API call")
 
-    monkeypatch.setattr(devices, "run_a_kernel", no_kernel_image)
+    monkeypatch.setattr(machinery, "run_a_kernel", no_kernel_image)
     gpu_of_capability(monkeypatch, (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"])
     with pytest.raises(ValueError) as error:
-        devices.pick_device("cuda")
+        machinery.pick_device("cuda")
     message = str(error.value)
     assert "\n" not in message and "V100" in message and "7.0" in message and "sm_75" in message
     assert "whl/cu126" in message and "--device cpu" in message
@@ -234,8 +225,8 @@ def test_a_gpu_that_the_build_has_no_kernels_for_is_refused_with_the_build_to_in
 def test_the_device_check_runs_a_kernel(monkeypatch):
     """pick_device does not stop at allocating memory: it runs a kernel and waits for it."""
     ran = []
-    monkeypatch.setattr(devices, "run_a_kernel", lambda device: ran.append(device))
-    assert devices.pick_device("cpu") == CPU and ran == [CPU]
+    monkeypatch.setattr(machinery, "run_a_kernel", lambda device: ran.append(device))
+    assert machinery.pick_device("cpu") == CPU and ran == [CPU]
 
 
 def test_the_device_check_plans_what_each_device_can_run(monkeypatch, tmp_path):

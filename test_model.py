@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_model, tiny_nitp, tokens
 from model import GPT, GPTConfig, MoE
-from nitp import NITP, NITPConfig, training_loss
+from nitp import NITP, NITPConfig, TrainingLoss
 
 # ---------------------------------------------------------------------------------------------------- the model
 
@@ -38,7 +38,7 @@ def assert_overfits_one_batch(model, nitp, device="cpu", steps=300):
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(nitp.parameters()), lr=1e-2, weight_decay=0)
     first = None
     for _ in range(steps):
-        loss, parts = training_loss(model, nitp, idx, targets)
+        loss, parts = TrainingLoss(model, nitp)(idx, targets)
         first = first or {k: v.item() for k, v in parts.items()}
         optimizer.zero_grad()
         loss.backward()
@@ -76,7 +76,7 @@ def test_config_validation():
 
 def moe_layer(n_expert=4, top_k=2, n_shared=0, seed=0) -> MoE:
     torch.manual_seed(seed)
-    return MoE(GPTConfig(n_embd=16, n_head=2, n_expert=n_expert, top_k=top_k, n_shared=n_shared))
+    return MoE(GPTConfig(n_embd=16, n_head=2, n_expert=n_expert, experts_per_token=top_k, n_shared=n_shared))
 
 
 def dense_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +111,7 @@ def test_gates_are_the_router_probabilities_of_the_chosen_experts():
 def test_the_router_learns_from_the_lm_loss_at_every_k(top_k):
     """With the balancing and z losses off, the LM loss alone still reaches the router, top-1 included
     (a renormalized single gate would be exactly 1 and carry no gradient)."""
-    model = tiny_model(n_expert=4, top_k=top_k, aux_loss_coef=0.0)
+    model = tiny_model(n_expert=4, experts_per_token=top_k, aux_loss_coef=0.0)
     model(tokens(), tokens(seed=1)).loss.backward()
     assert all(block.mlp.router.weight.grad.abs().max() > 0 for block in model.blocks[1:])
 
@@ -166,7 +166,7 @@ def test_one_expert_behaves_as_the_dense_mlp():
 def test_moe_model_layout_and_active_parameters():
     """The first n_dense_layers blocks stay dense; active parameters count k of E routed experts."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16, n_expert=4, top_k=1,
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16, n_expert=4, experts_per_token=1,
                           n_shared=1, n_dense_layers=1))
     assert [isinstance(b.mlp, MoE) for b in model.blocks] == [False, True, True]
     expert = 8 * 16 * 16  # up and down, d x 4d each
@@ -175,9 +175,9 @@ def test_moe_model_layout_and_active_parameters():
 
 def test_invalid_moe_settings_are_refused():
     """k < 1, k > E, S < 0, or no MoE layer left give a clear ValueError."""
-    for kwargs, message in [(dict(n_expert=4, top_k=0), "top_k"), (dict(n_expert=4, top_k=5), "top_k"),
-                            (dict(n_expert=4, top_k=1, n_shared=-1), "n_shared"),
-                            (dict(n_expert=4, top_k=1, n_layer=2, n_dense_layers=2), "no MoE layer")]:
+    for kwargs, message in [(dict(n_expert=4, experts_per_token=0), "--top-k"), (dict(n_expert=4, experts_per_token=5), "--top-k"),
+                            (dict(n_expert=4, experts_per_token=1, n_shared=-1), "n_shared"),
+                            (dict(n_expert=4, experts_per_token=1, n_layer=2, n_dense_layers=2), "no MoE layer")]:
         with pytest.raises(ValueError, match=message):
             GPTConfig(**kwargs)
 
@@ -186,12 +186,12 @@ def test_moe_aux_loss_stays_out_of_the_lm_loss():
     """For an MoE model the LM loss is the pure cross-entropy; the aux loss is reported apart and added to the
     training total only."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, n_expert=4, top_k=2,
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, n_expert=4, experts_per_token=2,
                           aux_loss_coef=0.5))
     idx, targets = tokens(), tokens(seed=1)
     out = model(idx, targets)
     assert torch.allclose(out.loss, F.cross_entropy(out.logits.reshape(-1, 50), targets.reshape(-1)))
-    total, parts = training_loss(model, tiny_nitp(n_layer=2), idx, targets)
+    total, parts = TrainingLoss(model, tiny_nitp(n_layer=2))(idx, targets)
     assert set(parts) == {"lm", "nitp", "moe_aux"} and parts["moe_aux"].item() >= 0.5  # balance >= 1
     assert total.item() == pytest.approx(sum(p.item() for p in parts.values()), rel=1e-6)
 
@@ -199,6 +199,6 @@ def test_moe_aux_loss_stays_out_of_the_lm_loss():
 def test_a_tiny_moe_model_with_nitp_overfits_a_tiny_batch(device):
     """NITP works unchanged on an MoE model: both losses fall on one repeated batch."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, n_expert=4, top_k=2))
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, n_expert=4, experts_per_token=2))
     nitp = tiny_nitp(n_layer=2)
     assert_overfits_one_batch(model, nitp, device)

@@ -6,14 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-import devices
-import evaluate
-import flags
-import nitp
+import machinery
 import train
 from conftest import TINY, exact, read_metrics, same, tiny_model, tiny_nitp, tokens
-from nitp import NITPConfig, anisotropy, default_layer, effective_rank, training_loss
+from nitp import Geometry, NITPConfig, TrainingLoss, anisotropy, default_layer, diagnostics, effective_rank
 
 # ---------------------------------------------------------------------------------------------------- the loss
 
@@ -102,7 +98,7 @@ def test_lambda_zero_is_exactly_the_ntp_baseline():
     results = []
     for nitp in (None, tiny_nitp(lam=0.0)):
         model = tiny_model()
-        loss, _ = training_loss(model, nitp, idx, targets)
+        loss, _ = TrainingLoss(model, nitp)(idx, targets)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (loss_ntp, grads_ntp), (loss_zero, grads_zero) = results
@@ -116,7 +112,7 @@ def test_the_backbone_runs_once_per_training_step():
     calls = []
     for name, module in [("wte", model.wte), *((f"block{i}", b) for i, b in enumerate(model.blocks))]:
         module.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
-    loss, parts = training_loss(model, nitp, tokens(), tokens(seed=1))
+    loss, parts = TrainingLoss(model, nitp)(tokens(), tokens(seed=1))
     loss.backward()
     assert set(parts) == {"lm", "nitp"}
     assert sorted(calls) == sorted(["wte", "block0", "block1", "block2", "block3"])
@@ -133,7 +129,7 @@ def test_the_dense_model_compiles_to_one_graph_with_every_block_output(device):
 
 def test_total_loss_is_ntp_plus_lambda_times_nitp():
     """The training loss is L_NTP + λ·L_NITP, with the parts reported separately."""
-    loss, parts = training_loss(tiny_model(), tiny_nitp(lam=0.7), tokens(), tokens(seed=1))
+    loss, parts = TrainingLoss(tiny_model(), tiny_nitp(lam=0.7))(tokens(), tokens(seed=1))
     assert loss.item() == pytest.approx(parts["lm"].item() + 0.7 * parts["nitp"].item(), rel=1e-6)
 
 
@@ -161,7 +157,7 @@ def test_nitp_layer_selects_which_block_output_is_the_target():
     out = model(tokens())
     assert torch.equal(out.block_outputs[3], seen[0])
     nitp = tiny_nitp(layer=3)
-    _, parts = training_loss(model, nitp, tokens(), tokens(seed=1))
+    _, parts = TrainingLoss(model, nitp)(tokens(), tokens(seed=1))
     assert parts["nitp"].item() == pytest.approx(nitp(out.hidden, seen[0]).item(), rel=1e-6)
 
 
@@ -211,7 +207,7 @@ def test_nitp_start_switches_the_loss_on_at_that_step():
     idx, targets = tokens(), tokens(seed=1)
     for step, expect_nitp in [(4, False), (5, True)]:
         nitp.zero_grad()
-        loss, parts = training_loss(model, nitp, idx, targets, step=step)
+        loss, parts = TrainingLoss(model, nitp)(idx, targets, step=step)
         loss.backward()
         assert ("nitp" in parts) == expect_nitp
         assert (nitp.head.down.weight.grad is not None) == expect_nitp
@@ -219,12 +215,12 @@ def test_nitp_start_switches_the_loss_on_at_that_step():
 
 def test_ablation_flags_reach_the_nitp_config(tmp_path):
     """Each --nitp-* flag of train.py sets exactly its field of NITPConfig."""
-    args = train.parse_args(TINY + ["--nitp", "--nitp-lambda", "0.5", "--nitp-layer", "0", "--nitp-shift", "0",
+    args = machinery.parse_args(TINY + ["--nitp", "--nitp-lambda", "0.5", "--nitp-layer", "0", "--nitp-shift", "0",
                                     "--nitp-no-stopgrad", "--nitp-head", "linear", "--nitp-loss", "mse",
                                     "--nitp-start", "7", "--out-dir", str(tmp_path)])
     config = train.setup(args).nitp.config
     assert config == NITPConfig(lam=0.5, layer=0, shift=0, stopgrad=False, head="linear", loss="mse", start=7)
-    assert train.setup(train.parse_args(TINY + ["--nitp"])).nitp.config == NITPConfig()
+    assert train.setup(machinery.parse_args(TINY + ["--nitp"])).nitp.config == NITPConfig()
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -270,8 +266,8 @@ def test_geometry_added_batch_by_batch_equals_geometry_of_all_states_at_once():
     together, also where the states have a large common mean (as the final hidden states do)."""
     g = torch.Generator().manual_seed(0)
     states = torch.randn(12, 16, 8, generator=g) @ torch.randn(8, 8, generator=g) + 50 * torch.randn(8, generator=g)
-    whole = nitp.Geometry().add(states)
-    pieces = nitp.Geometry()
+    whole = Geometry().add(states)
+    pieces = Geometry()
     for batch in states.split(5):                                          # windows 5 + 5 + 2
         pieces.add(batch)
     assert (pieces.n, pieces.windows) == (whole.n, whole.windows) == (192, 12)
@@ -333,19 +329,19 @@ def test_lambda_zero_trains_the_same_backbone_as_ntp_bit_for_bit(device, tmp_pat
 
 
 def test_the_head_is_in_the_optimizer_and_learns_from_the_first_step(device, tmp_path):
-    run = train.setup(flags.parse_args(TINY + ["--nitp", "--device", device, "--out-dir", str(tmp_path)]))
+    run = train.setup(machinery.parse_args(TINY + ["--nitp", "--device", device, "--out-dir", str(tmp_path)]))
     optimized = {id(p) for p in run.params}
     assert all(id(p) in optimized for p in run.nitp.parameters())
     before = [p.detach().clone() for p in run.nitp.parameters()]
-    train.train_step(run, train.loss_module(run, run.model), devices.autocast_for(run.device, run.dtype))
+    train.train_step(run, train.training_loss(run))
     assert all(not torch.equal(a, b) for a, b in zip(before, run.nitp.parameters()))
 
 
 def test_nitps_part_of_the_backbone_gradient_scales_linearly_with_lambda(device):
-    """evaluate.nitp_diagnostics: the backbone gradient of λ·L_NITP is λ times that of L_NITP, and the LM's
+    """nitp.diagnostics: the backbone gradient of λ·L_NITP is λ times that of L_NITP, and the LM's
     part does not depend on λ."""
     model, x, y = tiny_model().to(device), tokens().to(device), tokens(seed=1).to(device)
-    found = {lam: evaluate.nitp_diagnostics(model, tiny_nitp(lam=lam).to(device), x, y, contextlib.nullcontext())
+    found = {lam: diagnostics(model, tiny_nitp(lam=lam).to(device), x, y, contextlib.nullcontext())
              for lam in (0.5, 1.0, 2.0)}
     assert found[2.0]["grad_nitp"] == pytest.approx(2 * found[1.0]["grad_nitp"], rel=1e-5)
     assert found[0.5]["grad_nitp"] == pytest.approx(0.5 * found[1.0]["grad_nitp"], rel=1e-5)
@@ -360,24 +356,24 @@ def test_the_diagnostics_are_logged_at_each_evaluation_and_match_the_loss(device
     evals = [r for r in read_metrics(tmp_path) if r.get("eval")]
     keys = {"nitp_cos", "pred_norm", "target_norm", "grad_lm", "grad_nitp", "grad_nitp_share", "grad_cos"}
     assert all(keys <= set(r) and 0 <= r["grad_nitp_share"] <= 1 for r in evals)
-    run = train.setup(flags.parse_args(TINY + ["--nitp", "--device", device, "--resume", "--out-dir", str(tmp_path)]),
-                      checkpoint.load(str(tmp_path)))
-    x, y = evaluate.validation_batches(run.dataset.val, 4, 16, 1, run.device)[0]
-    with torch.no_grad(), devices.autocast_for(run.device, run.dtype):  # as the evaluation ran
+    run = train.setup(machinery.parse_args(TINY + ["--nitp", "--device", device, "--resume", "--out-dir", str(tmp_path)]),
+                      machinery.load(str(tmp_path)))
+    x, y = train.validation_batches(run.dataset.val, 4, 16, 1, run.device)[0]
+    with torch.no_grad(), run.precision.autocast:  # as the evaluation ran
         out = run.model(x, y)
         loss = run.nitp(out.hidden, out.block_outputs[run.nitp.layer]).item()
     assert evals[-1]["nitp_cos"] == pytest.approx(1 - loss, abs=1e-5)
 
 
 def test_the_logged_losses_equal_a_recompute_by_hand(device, tmp_path):
-    """Step 1's logged loss, lm and nitp equal training_loss recomputed on the same first batch with the initial
+    """Step 1's logged loss, lm and nitp equal the training loss recomputed on the same first batch with the initial
     weights, and loss = lm + λ·nitp."""
     command = TINY + ["--nitp", "--nitp-lambda", "0.7", "--device", device, "--max-iters", "1", "--out-dir", str(tmp_path)]
-    args = flags.parse_args(command)
+    args = machinery.parse_args(command)
     run = train.setup(args)
-    x, y = train.get_shard(run.dataset.train, 4, 16, torch.Generator().manual_seed(args.seed), 0, 1)
-    with torch.no_grad(), devices.autocast_for(run.device, run.dtype):  # as the training step runs
-        loss, parts = training_loss(run.model, run.nitp, x.to(run.device), y.to(run.device))
+    x, y = train.get_batch(run.dataset.train, 4, 16, torch.Generator().manual_seed(args.seed))
+    with torch.no_grad(), run.precision.autocast:  # as the training step runs
+        loss, parts = TrainingLoss(run.model, run.nitp)(x.to(run.device), y.to(run.device))
     train.main(command)
     logged = [r for r in read_metrics(tmp_path) if not r.get("eval")][0]
     assert logged["loss"] == pytest.approx(loss.item(), rel=1e-6)

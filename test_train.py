@@ -1,4 +1,4 @@
-"""Tests of training, evaluation, checkpoints and resume, bad input, DDP (train.py, checkpoint.py)."""
+"""Tests of training, evaluation, checkpoints and resume, bad input, DDP (train.py, machinery.py)."""
 import io
 import os
 import signal
@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
 import data
-import devices
-import flags
+import machinery
 import train
-from conftest import HERE, TINY, exact, poison_the_gradients, poison_the_nitp_loss, read_metrics, same, tiny_model
+from conftest import (HERE, TINY, exact, poison_the_gradients, poison_the_nitp_loss, poison_training_loss, read_metrics,
+                      same, tiny_model)
 
 # ---------------------------------------------------------------------------------------------------- train.py
 
@@ -63,7 +62,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(model_flags, d
 
     def interrupt_at_step_6(tokens, *rest):
         calls.append(1)
-        if len(calls) == 6:  # train.get_batch draws the training batches (evaluate.py the validation ones)
+        if len(calls) == 2 + 6:  # train.get_batch draws TINY's 2 validation batches first, then one per step
             signal.raise_signal(signal.SIGINT)
         return real_get_batch(tokens, *rest)
 
@@ -95,7 +94,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(d
     out = tmp_path / "run"
     run = train_py(*TINY, "--device", device, "--max-iters", "1000", "--eval-interval", "1", "--out-dir", str(out),
                    stdout=subprocess.DEVNULL)
-    ckpt, partial = out / "ckpt.pt", out / f"ckpt.pt.tmp{run.pid}"  # checkpoint.atomic_write's temporary file
+    ckpt, partial = out / "ckpt.pt", out / f"ckpt.pt.tmp{run.pid}"  # data.atomic_write's temporary file
     try:  # freeze the run while it writes a checkpoint after the first one: then kill it
         deadline = time.monotonic() + 60
         while True:
@@ -150,16 +149,9 @@ def test_a_non_finite_loss_or_gradient_stops_the_run_and_keeps_the_checkpoint(po
     """From step 6 on, a loss term is NaN or the gradients are infinite: the run exits with status 3 and one line
     naming the step and what went bad, and ckpt.pt (step 4) is left exactly as it was."""
     out = tmp_path / "run"
-    real_training_loss, checkpoint_before = train.training_loss, []
-
-    def poisoned_from_step_6(model, nitp, x, y, step):
-        loss, parts = real_training_loss(model, nitp, x, y, step)
-        if step + 1 < 6:  # `step` counts from 0 here, from 1 in the logs and messages
-            return loss, parts
-        checkpoint_before.append((out / "ckpt.pt").read_bytes())
-        return poison(loss, parts)
-
-    monkeypatch.setattr(train, "training_loss", poisoned_from_step_6)
+    checkpoint_before = []
+    poison_training_loss(monkeypatch, poison, when=lambda step: step >= 6,
+                         then=lambda: checkpoint_before.append((out / "ckpt.pt").read_bytes()))
     with pytest.raises(SystemExit) as exit_info:
         train.main(TINY + ["--nitp", "--device", device, "--max-iters", "10", "--eval-interval", "4", "--out-dir", str(out)])
     err = capsys.readouterr().err
@@ -178,7 +170,7 @@ BAD_INPUTS = {
     "target layer out of range": (["--nitp", "--n-layer", "2", "--nitp-layer", "2"], "0..1"),
     "negative lambda": (["--nitp", "--nitp-lambda", "-1"], "lambda"),
     "bad flag": (["--n-layers", "3"], "unrecognized"),
-    "top-k above the number of experts": (["--n-expert", "4", "--top-k", "5"], "top_k"),
+    "top-k above the number of experts": (["--n-expert", "4", "--top-k", "5"], "--top-k"),
     "bad number": (["--max-iters", "0"], "--max-iters"),
     "resume without checkpoint": (["--resume"], "no checkpoint"),
     "resume with a damaged checkpoint": (["--resume", "--out-dir", "{damaged}"], "damaged"),
@@ -202,10 +194,10 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path, capsy
     for name, content in files.items():
         (tmp_path / name).write_bytes(content.encode() if isinstance(content, str) else content)
     saved = io.BytesIO()  # torch.save of a dict with tensors, as train.py writes; cut in half below
-    torch.save({"format_version": checkpoint.VERSION, "step": 1, "model": tiny_model().state_dict()}, saved)
+    torch.save({"format_version": machinery.VERSION, "step": 1, "model": tiny_model().state_dict()}, saved)
     checkpoints = {"damaged": b"PK\x03\x04 truncated", "foreign": {"some": "thing"},
                    "truncated": saved.getvalue()[:len(saved.getvalue()) // 2],
-                   "incomplete": {"format_version": checkpoint.VERSION, "step": 1}}
+                   "incomplete": {"format_version": machinery.VERSION, "step": 1}}
     for name, content in checkpoints.items():
         (tmp_path / name).mkdir()
         if isinstance(content, dict):
@@ -225,12 +217,12 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(case, tmp_path, capsy
 
 
 def test_every_float_flag_refuses_non_finite_numbers(capsys):
-    float_flags = [a.option_strings[0] for a in flags.make_parser()._actions if a.type is flags.finite_float]
+    float_flags = [a.option_strings[0] for a in machinery.make_parser()._actions if a.type is machinery.finite_float]
     assert len(float_flags) >= 6
     for flag in float_flags:
         for value in ("inf", "-inf", "nan"):
             with pytest.raises(SystemExit) as exit_info:
-                train.parse_args([f"{flag}={value}"])
+                machinery.parse_args([f"{flag}={value}"])
             assert exit_info.value.code == 2 and "finite" in capsys.readouterr().err, (flag, value)
 
 
@@ -302,10 +294,10 @@ def test_a_resumed_optimizer_takes_this_devices_kernel_choice(device, tmp_path, 
     train.main(TINY + ["--nitp", "--dtype", "float16", "--max-iters", "4", "--eval-interval", "2", "--out-dir", out])
     assert not torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"][0]["fused"]
     if device == "cpu":
-        monkeypatch.setattr(devices, "optimizer_kernels", lambda device: {"fused": True})
+        monkeypatch.setattr(machinery, "optimizer_kernels", lambda device: {"fused": True})
     resumed = []
-    real_restore = checkpoint.restore
-    monkeypatch.setattr(checkpoint, "restore", lambda run, ckpt: (real_restore(run, ckpt), resumed.append(run)))
+    real_restore = machinery.restore
+    monkeypatch.setattr(machinery, "restore", lambda run, ckpt: (real_restore(run, ckpt), resumed.append(run)))
     before = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
     dtype = "float32" if device == "mps" else "float16"  # MPS trains in float32 only
     train.main(["--resume", "--device", device, "--dtype", dtype, "--max-iters", "10", "--out-dir", out])
@@ -321,9 +313,9 @@ def test_grad_clip_zero_measures_the_norm_and_leaves_the_gradients_alone():
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
     params[0].grad, params[1].grad = torch.tensor([3.0, 0.0, 0.0]), torch.full((2, 2), 2.0)  # norm sqrt(9 + 16) = 5
     versions = [p.grad._version for p in params]  # bumped by any in-place op, a multiplication by 1.0 included
-    assert train.clip_gradients(params, 0).item() == pytest.approx(5.0)
+    assert machinery.clip_gradients(params, 0).item() == pytest.approx(5.0)
     assert [p.grad._version for p in params] == versions
-    assert train.clip_gradients(params, 1.0).item() == pytest.approx(5.0)
+    assert machinery.clip_gradients(params, 1.0).item() == pytest.approx(5.0)
     assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params])).item() == pytest.approx(1.0, rel=1e-5)
 
 
