@@ -218,6 +218,8 @@ def plot(out_dir: Path, seeds: list[int], nitp_layer: int, summary: dict, costs:
     ax.legend(fontsize=8, loc="lower right")
     titles = []
     for name, part in summary.items():
+        if name not in ("at equal steps", "at equal compute"):  # the plot draws NTP, NITP and NTP at its compute
+            continue
         deltas = [f"{label} {interval(part[key], pattern)}"
                   for key in ("erank", "anisotropy", "val_lm") for k, label, pattern, _ in METRICS if k == key]
         titles.append(f"{name}: " + "; ".join(deltas))
@@ -356,22 +358,31 @@ def save(args: argparse.Namespace, finals: list[dict], **results) -> None:
     print(f"summary: {path}")
 
 
+# The comparisons a summary makes, where both runs are there: (arm, baseline, what the difference measures).
+COMPARISONS = [("NITP", "NTP", "at equal steps"), ("NITP", "NTP, equal compute", "at equal compute"),
+               ("NITP, small head", "NTP", "small head, at equal steps"),
+               ("NITP, small head", "NTP, small head's compute", "small head, at equal compute"),
+               ("NITP", "NTP, one more block", "full head against one more block")]
+
+
+def summaries(finals: list[dict]) -> dict[str, dict]:
+    """Every comparison of COMPARISONS whose two runs every seed has, summarized (and printed)."""
+    present = set.intersection(*(set(final) for final in finals))
+    wanted = [(arm, baseline, words) for arm, baseline, words in COMPARISONS if {arm, baseline} <= present]
+    return {words: summarize(finals, arm, baseline, prefix=f"{words}: " if len(wanted) > 1 else "")
+            for arm, baseline, words in wanted}
+
+
 def compare(args: argparse.Namespace, on_eval=None) -> None:
     """Train every run of arm_changes() for args.seeds seeds starting at args.seed; probe, summarize, plot, save."""
     started = time.perf_counter()
     changes = arm_changes(args)
     finals, baselines, probe_s = train_seeds(args, changes, probe_them=True, on_eval=on_eval)
-    summary = {"at equal steps": summarize(finals, prefix="at equal steps: " if len(changes) > 2 else "")}
+    summary = summaries(finals)
     costs = {"NTP": 1.0, "NITP": 1 + nitp_overhead(args)}
     if args.equal_compute:
-        summary["at equal compute"] = summarize(finals, baseline="NTP, equal compute", prefix="at equal compute: ")
         costs["NTP, equal compute"] = 1.0
         print_wall_clock(finals, costs)
-    if args.paper_overhead:
-        for arm, baseline, words in (("NITP, small head", "NTP", "small head, at equal steps"),
-                                     ("NITP, small head", "NTP, small head's compute", "small head, at equal compute"),
-                                     ("NITP", "NTP, one more block", "full head against one more block")):
-            summary[words] = summarize(finals, arm=arm, baseline=baseline, prefix=f"{words}: ")
     t0 = time.perf_counter()
     nitp_layer = target_layer(NITPConfig(layer=args.nitp_layer), args.n_layer)
     plot(Path(args.out_dir), [f["NTP"]["seed"] for f in finals], nitp_layer, summary, costs)
@@ -402,7 +413,7 @@ NOT_TRAINING = {"seed", "seeds", "out_dir", "pool", "equal_compute", "paper_over
 
 def pool(dirs: list[str], out_dir: str) -> dict:
     """One summary over the seeds of several compare.py (or ablations.py) invocations, read from the compare.json
-    in each of `dirs`: NITP − NTP always, and each comparison that all of them ran. They must have trained the
+    in each of `dirs`: NITP − NTP, and each other comparison whose runs all of them trained. They must have trained the
     same setting, on different seeds. Writes OUT_DIR/pooled.json. Raises ValueError with what to do."""
     results = []
     for folder in dirs:
@@ -427,9 +438,9 @@ def pool(dirs: list[str], out_dir: str) -> dict:
               for result in results for seed, final in zip(result["seeds"], result["finals"])]
     print(f"pooled: {len(seeds)} seeds from {len(dirs)} invocations: "
           + "; ".join(f"{folder} ({len(result['seeds'])})" for folder, result in zip(dirs, results)))
-    pooled = {"dirs": dirs, "seeds": seeds, "summary": summarize(finals)}
-    if all("NTP, equal compute" in final for final in finals):
-        pooled["summary_equal_compute"] = summarize(finals, baseline="NTP, equal compute", prefix="at equal compute: ")
+    summary = summaries(finals)
+    pooled = {"dirs": dirs, "seeds": seeds, "summary": summary["at equal steps"],
+              "summary_equal_compute": summary.get("at equal compute"), "summaries": summary}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "pooled.json").write_text(json.dumps({**pooled, "finals": finals, "args": settings}, indent=1))
     print(f"pooled summary: {Path(out_dir) / 'pooled.json'}")
