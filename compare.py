@@ -1,4 +1,4 @@
-"""The classroom experiment: NTP and NITP side by side, `python train.py --compare [--seeds N] [--equal-compute]`.
+"""The classroom experiment: NTP and NITP side by side, `python compare.py [--seeds N] [--equal-compute]`.
 
 For each seed, the NTP run and the NITP run start from the same initial weights (the backbone is built
 before the NITP head, from the same seed) and see the same batches in the same order (one batch generator,
@@ -10,7 +10,8 @@ NITP's step costs more than NTP's (its head: 6·12d² FLOPs per token, +22% on t
 "equal steps" is not "equal compute". --equal-compute adds a third run per seed: NTP trained for NITP's
 training FLOPs, i.e. max_iters × (1 + the analytic overhead) steps on the same batches, with its warm-up and
 evaluation interval stretched alike. Its wall-clock time is shown beside, since measured time need not follow
-the FLOP count. --ablations (ablations.py) uses the same machinery for the paper's ablations.
+the FLOP count. --paper-overhead adds NITP with a head at the paper's +2.3% of FLOPs, NTP at that run's compute
+and NTP with one more block. ablations.py uses the same machinery for the paper's ablations.
 
 The summary gives each final NITP − baseline difference paired by seed: its mean with a 95% confidence interval,
 and the verdict that follows from the interval (stats.py: "as the paper says", "the opposite", "not settled by N
