@@ -295,6 +295,7 @@ def test_probe_py_refuses_a_folder_without_a_checkpoint(tmp_path, capsys):
         probe.main(["--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "no checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert "resume" not in err  # probe.py resumes nothing: the line names what it does need
 
 
 def test_probing_leaves_the_random_state_and_the_model_mode_as_they_were(device):
