@@ -537,7 +537,7 @@ def load(out_dir: str) -> dict:
     """The checkpoint in out_dir, checked to be one of ours. Raises ValueError with what to do."""
     path = Path(out_dir) / "ckpt.pt"
     if not path.is_file():
-        raise ValueError(f"no checkpoint at {path} to resume; train without --resume first, or point --out-dir at a run")
+        raise ValueError(f"no checkpoint at {path}; point --out-dir at a run that saved one, or train one there first")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

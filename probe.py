@@ -217,9 +217,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         machinery.check_out_dir(args.out_dir)
-        if not (Path(args.out_dir) / "ckpt.pt").is_file():
-            raise ValueError(f"no checkpoint at {Path(args.out_dir) / 'ckpt.pt'}; point --out-dir at a finished "
-                             f"run (python train.py --out-dir DIR trains one)")
         saved = machinery.load(args.out_dir)
         settings = machinery.parse_args([], saved=saved["args"])  # the run's own flags, as --resume reads them
         device = machinery.pick_device(args.device)
