@@ -23,6 +23,7 @@ import compare
 import stats
 import train
 from machinery import check_out_dir, fail
+from machinery import printable_output
 
 # name: (the flags that make the run, from the command line's; the paper's average score for it, or a note)
 ABLATIONS = {
@@ -134,4 +135,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    printable_output()  # before anything prints: a console that cannot hold a character must not crash
     main()

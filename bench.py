@@ -151,4 +151,5 @@ def profile(run_steps, device: torch.device, top: int = 10) -> None:
 
 
 if __name__ == "__main__":
+    machinery.printable_output()  # before anything prints: a console that cannot hold a character must not crash
     main()

@@ -42,6 +42,7 @@ import train
 from data import get_tokenizer
 from machinery import check_out_dir, fail, make_parser, say
 from machinery import parse_args as train_parse_args
+from machinery import printable_output
 from model import GPT, flops_per_token
 from nitp import NITP, NITPConfig, target_layer
 
@@ -516,4 +517,5 @@ def run_or_exit(experiment, args: argparse.Namespace, program: str) -> None:
 
 
 if __name__ == "__main__":
+    printable_output()  # before anything prints: a console that cannot hold a character must not crash
     main()

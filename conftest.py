@@ -5,10 +5,16 @@ sample, probe or benchmark take the `device` fixture and run once per device: on
 and MPS where present; elsewhere those cases skip, saying why.
 """
 import json
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# cuBLAS reads its workspace setting once, at the process's first matmul on a GPU, and deterministic mode
+# refuses every later matmul if it was unset then: set here, before any test runs a kernel, so that a test that
+# passes --deterministic works whatever ran before it.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import data
 import nitp
@@ -48,6 +54,17 @@ def same(a, b, device: str) -> bool:
     """Bit for bit where runs repeat exactly (the CPU; CUDA with exact()), else to 1e-5."""
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     return torch.equal(a, b) if device != "mps" else torch.allclose(a.float(), b.float(), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(autouse=True)
+def global_torch_settings():
+    """Put back what a test switched on for the whole process: --deterministic's deterministic algorithms (left
+    on, they make every later CUDA test that scatters or multiplies raise or slow down), and TF32 (a CUDA run's)."""
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.fixture(autouse=True)

@@ -44,6 +44,15 @@ def say(message: str, stream=None) -> None:
         print(message, file=stream or sys.stderr)
 
 
+def printable_output() -> None:
+    """Print whatever the console's encoding can hold, and a stand-in for the rest, instead of crashing. Python on
+    Windows writes a redirected stdout in the locale's code page (cp1252) and stops at the first character it
+    lacks ("−", "λ", a sample's "\ufffd"). Every entry point calls this first, before its parser can print."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a TextIOWrapper; None under pythonw, something else when replaced
+            stream.reconfigure(errors="backslashreplace")
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints the whole usage; one line that says what to do is enough
         say(f"{self.prog}: error: {message} (see --help)")
@@ -135,7 +144,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device name")
     g.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="'auto': bfloat16 on CUDA GPUs that have it natively, float16 on older ones, float32 "
-                        "on the CPU and MPS; bfloat16/float16 train under autocast")
+                        "on the CPU and MPS; bfloat16/float16 train under autocast; float32 on CUDA does its matmuls in TF32")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile (CUDA, CPU)")
     g.add_argument("--deterministic", action="store_true",
                    help="torch's deterministic algorithms: on CUDA, runs and resumes that repeat bit for bit, "
@@ -199,12 +208,32 @@ def run_a_kernel(device: torch.device) -> None:
     (torch.ones(4, device=device) * 2).sum().item()
 
 
+# The compute capabilities that each CUDA build of a torch release has kernels for (x86-64), as torch 2.13 lists
+# them (torch.cuda.PYTORCH_RELEASES_CODE_CC); a newer torch's own list is read instead where it has one.
+CUDA_BUILDS = {"12.6": {50, 60, 70, 75, 80, 86, 90}, "12.9": {75, 80, 86, 90, 100, 120},
+               "13.0": {75, 80, 86, 90, 100, 120}}
+
+
+def builds_with_kernels_for(major: int, minor: int) -> list[str]:
+    """The CUDA versions of this torch release's builds that can run a GPU of this compute capability: kernels
+    for X.Y run on X.Y and on later minors of the same major (8.0's on an 8.6), never across majors."""
+    releases = getattr(torch.cuda, "PYTORCH_RELEASES_CODE_CC", None)
+    builds = {cuda: by_arch.get("x86_64", set()) for cuda, by_arch in releases.items()} if releases else CUDA_BUILDS
+    return [cuda for cuda, ccs in builds.items() if any(cc // 10 == major and cc % 10 <= minor for cc in ccs)]
+
+
 def missing_kernels(device: torch.device) -> str:
+    """The one line for a GPU that this build has no kernels for, naming a build that has them: the newest cards
+    (Blackwell, 10.x and 12.x) need CUDA 12.8 or newer builds, the oldest only the 12.6 ones."""
     major, minor = torch.cuda.get_device_capability(device)
+    builds, version = builds_with_kernels_for(major, minor), torch.__version__.split("+")[0]
+    install = (f"install a build for it, e.g. pip install torch=={version} --index-url "
+               f"https://download.pytorch.org/whl/cu{builds[0].replace('.', '')} (builds for CUDA "
+               f"{', '.join(builds)} have them)" if builds else
+               f"no CUDA build of torch {version} has them: install an older torch release that has")
     return (f"this PyTorch build ({torch.__version__}) has no kernels for {torch.cuda.get_device_name(device)} "
             f"(compute capability {major}.{minor}; the build has {' '.join(torch.cuda.get_arch_list())}); "
-            f"install a build for it, e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126 "
-            f"(kernels for 5.0 to 9.0), or use --device cpu")
+            f"{install}, or use --device cpu")
 
 
 def use_deterministic_algorithms() -> None:
@@ -262,6 +291,8 @@ class Precision:
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.dtype = dtype
+        if device.type == "cuda":  # float32 matmuls in TF32 on tensor cores (8.0+), as nanoGPT: ~10 bits of mantissa
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.autocast = autocast_for(device, dtype)  # `with precision.autocast:` around each forward pass
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -291,6 +322,29 @@ def check_compile(device: torch.device) -> None:
                          "drop --compile")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
         raise ValueError("--compile needs a GPU of compute capability 7.0 or higher (Triton); drop --compile")
+    missing = compile_missing(device)
+    if missing:
+        raise ValueError(f"--compile cannot run here: {missing}; drop --compile")
+
+
+def compile_missing(device: torch.device) -> str | None:
+    """What torch.compile (dynamo, then inductor) lacks on this machine for `device`, or None: dynamo support for
+    this Python (torch 2.13 has none on 3.15), Triton for CUDA kernels (Windows CUDA wheels ship none), a C++
+    compiler for CPU kernels (Windows has no MSVC by default). Asked the way torch itself asks."""
+    import torch._dynamo  # noqa: F401  (only with --compile: it takes seconds to import)
+    if not torch._dynamo.eval_frame.is_dynamo_supported():
+        return f"torch {torch.__version__} has no torch.compile for Python {sys.version.split()[0]}"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            return "Triton is not installed (pip install triton; Windows: pip install triton-windows)"
+    elif device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        try:
+            get_cpp_compiler()
+        except Exception as e:  # InvalidCxxCompiler, or an MSVC that does not answer
+            return f"no C++ compiler for the CPU kernels ({type(e).__name__}; Windows: the MSVC build tools)"
+    return None
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
@@ -491,6 +545,7 @@ def describe(run) -> str:
             + (f" + NITP head {head / 1e6:.2f}M (training only), target block {run.nitp.layer}" if run.nitp else "")
             + f" | {len(run.dataset.train):,} train / {len(run.dataset.val):,} val tokens | {run.device}, "
             + str(run.precision.dtype).removeprefix("torch.")
+            + (" (matmuls in TF32)" if run.device.type == "cuda" and run.precision.dtype == torch.float32 else "")
             + (f" x {run.world_size} processes" if run.world_size > 1 else ""))
 
 

@@ -168,14 +168,17 @@ class TrainingLoss(nn.Module):
         return total, parts
 
 
-def diagnostics(model: nn.Module, nitp: NITP, x: torch.Tensor, y: torch.Tensor, autocast) -> dict:
+def diagnostics(model: nn.Module, nitp: NITP, x: torch.Tensor, y: torch.Tensor, autocast,
+                loss_scale: float = 1.0) -> dict:
     """Is NITP alive, or inert, or collapsing? Measured on one batch (the evaluation's first), outside training:
       nitp_cos                  mean cos(P(h_t), z_{t+1}): near 0 if the head predicts nothing
       pred_norm, target_norm    mean L2 norms of P(h_t) and of z_{t+1}: a collapse shows as a norm going to 0
       grad_lm, grad_nitp        norms of the backbone's gradients of L_NTP and of λ·L_NITP
       grad_nitp_share           grad_nitp / (grad_lm + grad_nitp): NITP's share of what moves the backbone
       grad_cos                  cosine between those two gradients: do the losses pull the same way?
-    The gradients come from torch.autograd.grad: the .grad that the optimizer reads is not touched."""
+    The gradients come from torch.autograd.grad: the .grad that the optimizer reads is not touched. Under float16,
+    pass the gradient scaler's scale as loss_scale: as in training, each loss is multiplied by it before the
+    backward (float16's small gradients underflow to 0 otherwise) and the gradients divided by it after."""
     was_training = model.training
     model.eval()
     backbone = list(model.parameters())
@@ -184,11 +187,8 @@ def diagnostics(model: nn.Module, nitp: NITP, x: torch.Tensor, y: torch.Tensor, 
         h, z = out.hidden, out.block_outputs[nitp.layer]            # (B, T, d) each
         pred, target = nitp.pairs(h, z)                             # (B, T-s, d) each: P(h_t), z_{t+s}
         weighted_nitp = nitp.config.lam * nitp(h, z)
-    grads = [torch.autograd.grad(loss, backbone, retain_graph=True, allow_unused=True)
-             for loss in (out.loss, weighted_nitp)]
+    g_lm, g_nitp = (backbone_gradient(loss, backbone, loss_scale) for loss in (out.loss, weighted_nitp))  # (n_params,)
     model.train(was_training)
-    g_lm, g_nitp = (torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
-                               for g, p in zip(gs, backbone)]) for gs in grads)  # (n_params,) each
     norm_lm, norm_nitp = g_lm.norm().item(), g_nitp.norm().item()
     return {"nitp_cos": F.cosine_similarity(pred, target, dim=-1).mean().item(),
             "pred_norm": pred.norm(dim=-1).mean().item(), "target_norm": target.norm(dim=-1).mean().item(),
@@ -197,12 +197,26 @@ def diagnostics(model: nn.Module, nitp: NITP, x: torch.Tensor, y: torch.Tensor, 
             "grad_cos": F.cosine_similarity(g_lm, g_nitp, dim=0).item()}
 
 
+def backbone_gradient(loss: torch.Tensor, params: list[nn.Parameter], scale: float) -> torch.Tensor:
+    """(n_params,) the gradient of loss for params, flat, in fp32: computed for loss · scale and divided back, the
+    scale halved while that overflows (what float16's gradient scaler does in training). Scale 1: loss's own."""
+    while True:
+        grads = torch.autograd.grad(loss * scale if scale != 1 else loss, params, retain_graph=True, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
+                          for g, p in zip(grads, params)])  # (n_params,)
+        if scale == 1:
+            return flat
+        if scale < 2 or torch.isfinite(flat).all():
+            return flat / scale
+        scale /= 2
+
+
 # ----------------------------------------------------------------------------------------------------
 # What NITP claims to change: the geometry of the last hidden states, measured on many states at once. The
 # evaluation adds the states of every validation batch to a Geometry (B windows of T positions at a time), which
-# keeps sums only: no states are held, however many batches. Everything is computed on the CPU in float64, so
-# that the numbers do not depend on where the model trained (and eigvalsh and entr need no GPU kernel, which
-# MPS lacks).
+# keeps sums only: no states are held, however many batches. The states are copied to the CPU as they are and
+# everything is computed there in float64, so that the numbers do not depend on where the model trained (and
+# float64, eigvalsh and entr need no GPU kernel, which MPS lacks).
 
 class Geometry:
     """Effective rank and anisotropy of a set of states, accumulated window by window."""
@@ -215,7 +229,9 @@ class Geometry:
     @torch.no_grad()
     def add(self, states: torch.Tensor) -> "Geometry":
         """states: (W, T, d), T states (positions) from each of W windows of text; (N, d) is N windows of one."""
-        x = states.detach().to("cpu", torch.float64)
+        # To the CPU in the states' own dtype, and only then to float64: .to("cpu", torch.float64) casts on the
+        # device before the copy, and MPS has no float64 (an error, or zeros, depending on the torch version).
+        x = states.detach().cpu().double()
         x = x.reshape(-1, 1, x.size(-1)) if x.dim() == 2 else x  # (W, T, d)
         W, T, d = x.shape
         flat = x.reshape(W * T, d)                                # (N, d)

@@ -238,4 +238,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    import machinery
+    machinery.printable_output()  # before anything prints: a console that cannot hold a character must not crash
     main()

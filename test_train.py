@@ -291,7 +291,8 @@ def test_a_resumed_optimizer_takes_this_devices_kernel_choice(device, tmp_path, 
     (CUDA, MPS): the resumed optimizer stays fused, and under fp16 the gradient scaler, which hands its scale to
     a fused optimizer, takes real steps. On the CPU the fused choice is injected (fused AdamW runs there too)."""
     out = str(tmp_path / "run")
-    train.main(TINY + ["--nitp", "--dtype", "float16", "--max-iters", "4", "--eval-interval", "2", "--out-dir", out])
+    train.main(TINY + ["--nitp", "--device", "cpu", "--dtype", "float16", "--max-iters", "4", "--eval-interval", "2",
+                       "--out-dir", out])  # on the CPU, whatever device the resume then runs on
     assert not torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"][0]["fused"]
     if device == "cpu":
         monkeypatch.setattr(machinery, "optimizer_kernels", lambda device: {"fused": True})

@@ -321,9 +321,11 @@ def evaluate(run: Run, loss_fn: TrainingLoss, val_batches) -> dict:
         share = torch.stack(expert_shares).mean(dim=0)  # (n_moe_layers, E)
         record.update(expert_share=share.tolist(), max_load=(share.max() * share.size(1)).item())  # 1 = balanced
     if run.nitp is not None:  # on the eager model: gradients in eval mode would make --compile recompile
-        record.update(diagnostics(run.model, run.nitp, *val_batches[0], run.precision.autocast))
+        record.update(diagnostics(run.model, run.nitp, *val_batches[0], run.precision.autocast,
+                                  loss_scale=run.precision.scaler.get_scale()))  # 1.0 but under float16
     return record
 
 
 if __name__ == "__main__":
+    machinery.printable_output()  # before anything prints: a console that cannot hold a character must not crash
     main()
