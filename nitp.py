@@ -201,7 +201,9 @@ def backbone_gradient(loss: torch.Tensor, params: list[nn.Parameter], scale: flo
     """(n_params,) the gradient of loss for params, flat, in fp32: computed for loss · scale and divided back, the
     scale halved while that overflows (what float16's gradient scaler does in training). Scale 1: loss's own."""
     while True:
-        grads = torch.autograd.grad(loss * scale if scale != 1 else loss, params, retain_graph=True, allow_unused=True)
+        with torch.enable_grad():  # the evaluation runs under no_grad: the product must join loss's graph
+            scaled = loss * scale if scale != 1 else loss
+        grads = torch.autograd.grad(scaled, params, retain_graph=True, allow_unused=True)
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten().float()
                           for g, p in zip(grads, params)])  # (n_params,)
         if scale == 1:
