@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import machinery
 import train
 from conftest import TINY, exact, read_metrics, same, tiny_model, tiny_nitp, tokens
@@ -284,11 +285,17 @@ def test_geometry_added_batch_by_batch_equals_geometry_of_all_states_at_once():
     assert whole.anisotropy() == pytest.approx(cosines[across].mean().item(), rel=1e-9)
 
 
-def test_the_evaluation_measures_the_geometry_on_every_validation_batch(device, tmp_path):
-    """erank and anisotropy use the states of all --eval-iters batches, and the record says how many."""
-    train.main(TINY + ["--max-iters", "2", "--eval-iters", "3", "--device", device, "--out-dir", str(tmp_path)])
-    record = [r for r in read_metrics(tmp_path) if r.get("eval")][-1]
-    assert (record["geometry_states"], record["geometry_windows"]) == (3 * 4 * 16, 3 * 4)
+def test_the_last_evaluation_reads_the_whole_held_out_text(device, tmp_path):
+    """During training an evaluation reads --eval-iters batches of windows; the last reads every validation token
+    once (loss and geometry alike), and the records say which and how many."""
+    train.main(TINY + ["--max-iters", "2", "--eval-interval", "1", "--eval-iters", "3", "--device", device,
+                       "--out-dir", str(tmp_path)])
+    during, *_, last = [r for r in read_metrics(tmp_path) if r.get("eval")]
+    assert (during["whole_split"], during["geometry_states"], during["geometry_windows"]) == (False, 3 * 4 * 16, 3 * 4)
+    assert during["val_targets"] == 3 * 4 * 16
+    n_val = len(data.load_dataset("python-docs", data.get_tokenizer("bytes"), 16).val)
+    assert last["whole_split"] and last["val_targets"] == last["geometry_states"] == n_val - 1
+    assert last["geometry_windows"] == -(-(n_val - 1) // 16)  # full windows of 16, and one shorter for the rest
 
 
 # ---------------------------------------------------------------------------------------------------- padding and documents
@@ -351,14 +358,14 @@ def test_nitps_part_of_the_backbone_gradient_scales_linearly_with_lambda(device)
 
 def test_the_diagnostics_are_logged_at_each_evaluation_and_match_the_loss(device, tmp_path):
     """Each evaluation of a NITP run logs the diagnostics; with the cosine loss, nitp_cos is 1 − L_NITP on the
-    first validation batch."""
+    first batch of the evaluations during training (the last evaluation reads the same batch for them)."""
     train.main(TINY + ["--nitp", "--device", device, "--max-iters", "4", "--eval-interval", "2", "--out-dir", str(tmp_path)])
     evals = [r for r in read_metrics(tmp_path) if r.get("eval")]
     keys = {"nitp_cos", "pred_norm", "target_norm", "grad_lm", "grad_nitp", "grad_nitp_share", "grad_cos"}
     assert all(keys <= set(r) and 0 <= r["grad_nitp_share"] <= 1 for r in evals)
     run = train.setup(machinery.parse_args(TINY + ["--nitp", "--device", device, "--resume", "--out-dir", str(tmp_path)]),
                       machinery.load(str(tmp_path)))
-    x, y = train.validation_batches(run.dataset.val, 4, 16, 1, run.device)[0]
+    x, y = train.validation_batches(run.dataset.val, 4, 16, run.device, 2)[0]  # TINY: --eval-iters 2
     with torch.no_grad(), run.precision.autocast:  # as the evaluation ran
         out = run.model(x, y)
         loss = run.nitp(out.hidden, out.block_outputs[run.nitp.layer]).item()

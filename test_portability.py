@@ -84,7 +84,7 @@ def test_the_evaluation_runs_on_a_gpu_without_float64(flags, tmp_path):
     """train.evaluate (losses, the geometry of every layer, the NITP diagnostics' gradients) of a model whose
     outputs stand in for MPS tensors gives the numbers of the same evaluation on the CPU."""
     run = train.setup(machinery.parse_args(TINY + flags + ["--nitp", "--out-dir", str(tmp_path)]))
-    batches = train.validation_batches(run.dataset.val, 4, 16, 2, run.device)
+    batches = train.validation_batches(run.dataset.val, 4, 16, run.device, 2)
     on_cpu = train.evaluate(run, train.training_loss(run), batches)
     on_the_device(run.model)
     assert train.evaluate(run, train.training_loss(run), batches) == on_cpu

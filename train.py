@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import machinery
-from data import Dataset, get_batch, get_tokenizer, load_dataset
+from data import Dataset, every_window, get_batch, get_tokenizer, load_dataset
 from model import GPT, GPTConfig
 from nitp import NITP, Geometry, NITPConfig, TrainingLoss, diagnostics, target_layer
 
@@ -178,12 +178,14 @@ def train(run: Run, on_eval=None, sample: bool = True) -> list[dict]:
         machinery.start_metrics(out_dir / "metrics.jsonl", run.step)
     log = machinery.MetricsLog(out_dir / "metrics.jsonl", write=master)
     loss_fn = training_loss(run)
-    val_batches = validation_batches(run.dataset.val, args.batch_size, args.block_size, args.eval_iters, run.device)
+    during = validation_batches(run.dataset.val, args.batch_size, args.block_size, run.device, args.eval_iters)
 
-    def evaluation() -> None:  # rank 0 only
+    def evaluation() -> None:  # rank 0 only; the last one reads the whole held-out text
         t0 = time.perf_counter()
-        record = {"step": run.step, "eval": True, **evaluate(run, loss_fn.module if run.world_size > 1 else loss_fn,
-                                                             val_batches)}
+        whole = run.step == args.max_iters
+        batches = validation_batches(run.dataset.val, args.batch_size, args.block_size, run.device) if whole else during
+        record = {"step": run.step, "eval": True, "whole_split": whole,
+                  **evaluate(run, loss_fn.module if run.world_size > 1 else loss_fn, batches, during[0])}
         record = log.add_evaluation({**record, "eval_s": time.perf_counter() - t0})  # + ms/iter since the last
         machinery.print_evaluation(record)
         if on_eval is not None:
@@ -282,46 +284,56 @@ def train_step(run: Run, loss_fn: torch.nn.Module, sigint=None) -> Step:
 # ----------------------------------------------------------------------------------------------------
 # The evaluation: the validation loss, and the geometry that NITP claims to change
 
-def validation_batches(tokens: np.ndarray, batch_size: int, block_size: int, n_batches: int,
-                       device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The same validation batches at every evaluation and in every run (their generator has its own seed), so
-    that the NTP and NITP runs of compare.py are measured on exactly the same tokens."""
-    rng = torch.Generator().manual_seed(0)
-    return [tuple(machinery.to_device(t, device) for t in get_batch(tokens, batch_size, block_size, rng))
-            for _ in range(n_batches)]
+def validation_batches(tokens: np.ndarray, batch_size: int, block_size: int, device: torch.device,
+                       n_batches: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The held-out text in batches of windows, each window once (data.every_window): all of it, every token a
+    target once, when n_batches is None (the final evaluation); else n_batches batches of windows spread evenly
+    over it (the evaluations during training, which need only follow the curve). The same in every run, so that
+    the NTP and NITP runs of compare.py are measured on exactly the same tokens."""
+    (x, y), *rest = every_window(tokens, block_size)      # (W, T) each, and the shorter rest: (1, r) each
+    if n_batches is not None:
+        picked = torch.linspace(0, len(x) - 1, min(len(x), n_batches * batch_size)).round().long()
+        x, y, rest = x[picked], y[picked], []
+    batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)] + rest
+    return [(machinery.to_device(x, device), machinery.to_device(y, device)) for x, y in batches]
 
 
 @torch.no_grad()
-def evaluate(run: Run, loss_fn: TrainingLoss, val_batches) -> dict:
-    """The pure LM validation loss, the NITP loss, and the geometry of the hidden states, on every validation
-    batch: `erank` and `anisotropy` of the final hidden states (the LM head's input, the vector NITP trains),
-    `erank_by_layer` of every block's output ([0] the embeddings), and how many states they used."""
+def evaluate(run: Run, loss_fn: TrainingLoss, val_batches, diagnostics_batch=None) -> dict:
+    """The pure LM validation loss, the NITP loss, and the geometry of the hidden states, on every window of
+    val_batches: `erank` and `anisotropy` of the final hidden states (the LM head's input, the vector NITP trains),
+    `erank_by_layer` of every block's output ([0] the embeddings), and how many targets and states they used. NITP's
+    diagnostics read one batch: diagnostics_batch, the same at every evaluation (default: the first)."""
     model = loss_fn.model  # compiled with --compile
     model.eval()
-    lm_losses, nitp_losses, expert_shares = [], [], []
+    lm_sum = nitp_sum = targets = pairs = 0.0
+    expert_shares = []
     final, by_layer = Geometry(), [Geometry() for _ in range(run.model.config.n_layer + 1)]
-    for x, y in val_batches:
+    for x, y in val_batches:  # (B, T) each; the last batch of the whole split may be shorter
         with run.precision.autocast:
             out = model(x, y)
-            lm_losses.append(out.loss)
+            lm_sum += out.loss.float() * y.numel()                # the loss is a mean: weigh it by its targets
+            targets += y.numel()
             if run.nitp is not None:
-                nitp_losses.append(run.nitp(out.hidden, out.block_outputs[run.nitp.layer]))
+                n_pairs = x.size(0) * (x.size(1) - run.nitp.config.shift)
+                nitp_sum += run.nitp(out.hidden, out.block_outputs[run.nitp.layer]).float() * n_pairs
+                pairs += n_pairs
         if out.expert_share is not None:
             expert_shares.append(out.expert_share)  # (n_moe_layers, E)
         final.add(out.hidden)                       # (B, T, d): B windows of T states
         for geometry, z in zip(by_layer, out.block_outputs):
             geometry.add(z)
     model.train()
-    record = {"val_lm": torch.stack(lm_losses).mean().item(),
-              "val_nitp": torch.stack(nitp_losses).mean().item() if run.nitp is not None else None,
+    record = {"val_lm": (lm_sum / targets).item(),
+              "val_nitp": (nitp_sum / pairs).item() if run.nitp is not None else None,
               "erank": final.effective_rank(), "anisotropy": final.anisotropy(),
               "erank_by_layer": [geometry.effective_rank() for geometry in by_layer],
-              "geometry_states": final.n, "geometry_windows": final.windows}
+              "val_targets": int(targets), "geometry_states": final.n, "geometry_windows": final.windows}
     if expert_shares:  # each expert's share of the routed slots, per MoE layer; ideal is 1/E each
         share = torch.stack(expert_shares).mean(dim=0)  # (n_moe_layers, E)
         record.update(expert_share=share.tolist(), max_load=(share.max() * share.size(1)).item())  # 1 = balanced
     if run.nitp is not None:  # on the eager model: gradients in eval mode would make --compile recompile
-        record.update(diagnostics(run.model, run.nitp, *val_batches[0], run.precision.autocast,
+        record.update(diagnostics(run.model, run.nitp, *(diagnostics_batch or val_batches[0]), run.precision.autocast,
                                   loss_scale=run.precision.scaler.get_scale()))  # 1.0 but under float16
     return record
 
