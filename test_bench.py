@@ -36,13 +36,12 @@ def test_every_other_flag_reaches_each_timed_run_as_it_would_reach_a_training_ru
     assert dests == set(USED) | set(bench.REFUSED)  # a new train.py flag must be used or refused here
     built = []
 
-    def stop_at_build(args, settings):
+    def stop_at_setup(args):
         built.append(args)
         if len(built) == len(bench.VARIANTS):
             raise ValueError("stop")  # bench.py turns this into its one-line error
 
-    monkeypatch.setattr(train, "prepare", lambda args: None)
-    monkeypatch.setattr(train, "build", stop_at_build)
+    monkeypatch.setattr(train, "setup", stop_at_setup)
     for name, value in USED.items():
         flag = "--" + name.replace("_", "-")
         built.clear()

@@ -226,6 +226,29 @@ def test_every_float_flag_refuses_non_finite_numbers(capsys):
             assert exit_info.value.code == 2 and "finite" in capsys.readouterr().err, (flag, value)
 
 
+def test_the_command_line_is_built_from_the_settings_at_the_top_of_train_py(tmp_path, monkeypatch, capsys):
+    """Each line `name = default  # help` of train.py's settings is the flag --name with that default, and --help
+    lists it with its help; an edited default is the new default; a line in another form stops the parser with
+    its line, rather than losing a flag."""
+    args = machinery.parse_args([])
+    computed = {"warmup_iters": 100, "eval_interval": 100}  # None in the block: a tenth of max_iters
+    assert len(vars(args)) == 38 and all(value == computed.get(name, getattr(train, name))
+                                         for name, value in vars(args).items())
+    with pytest.raises(SystemExit):
+        machinery.parse_args(["--help"])
+    listed = " ".join(capsys.readouterr().out.split())  # argparse wraps the help over lines
+    assert all(f"--{name.replace('_', '-')}" in listed for name in vars(args))
+    assert "λ, the weight of the NITP loss (default: 1.0)" in listed
+    assert "on CUDA, runs and resumes that repeat bit for bit, somewhat slower" in listed  # a continued comment
+    source = machinery.SETTINGS.read_text()
+    monkeypatch.setattr(machinery, "SETTINGS", tmp_path / "train.py")
+    machinery.SETTINGS.write_text(source.replace("max_iters = 1000 ", "max_iters = 300  "))
+    assert machinery.parse_args([]).max_iters == 300 and machinery.parse_args([]).warmup_iters == 30
+    machinery.SETTINGS.write_text(source.replace("seed = 1337                 # seed for", "seed = 1337 seed for"))
+    with pytest.raises(SyntaxError, match="seed = 1337 seed for"):
+        machinery.make_parser()
+
+
 def test_under_torchrun_a_user_error_is_printed_once(tmp_path, monkeypatch, capsys):
     """Every rank exits with status 2, but only rank 0 says why."""
     monkeypatch.setenv("WORLD_SIZE", "2")
