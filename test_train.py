@@ -88,6 +88,7 @@ def train_py(*argv: str, launcher: tuple[str, ...] = (), **popen_kw) -> subproce
     return subprocess.Popen([sys.executable, *launcher, "train.py", *argv], cwd=HERE, env=env, **popen_kw)
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(device, tmp_path):
     """SIGKILL in the middle of writing a checkpoint leaves the previous ckpt.pt whole: it loads, and --resume
     finishes the run."""
@@ -115,6 +116,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(d
     assert torch.load(ckpt, weights_only=True)["step"] == step + 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_flags", [["--nitp-start", "2"], ["--n-expert", "4", "--top-k", "2", "--aux-loss-coef", "0"]],
                          ids=["head-idle-at-first", "moe"])
 def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(model_flags, device, tmp_path):
@@ -344,6 +346,7 @@ def test_grad_clip_zero_measures_the_norm_and_leaves_the_gradients_alone(tmp_pat
     assert not all(torch.equal(weights["0"][k], weights["0.01"][k]) for k in weights["0"])
 
 
+@pytest.mark.slow
 def test_moe_under_compile_runs_its_dispatch_eagerly_and_stops_recompiling(device, tmp_path, monkeypatch):
     """The MoE dispatch splits the tokens by counts that change every step. Compiled, it recompiled for new
     counts until dynamo's limit; left eager, the compiled graphs are all made in the first steps (training and
