@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_out_dir(args.out_dir)
         for settings in compare.arms(args, args.seed, changes(args)).values():  # every run checked before the first
-            train.prepare(settings)
+            train.setup(settings)
     except ValueError as e:
         fail(str(e), program="ablations.py")
     compare.run_or_exit(ablations, args, "ablations.py")

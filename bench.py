@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = {}
         for name, (n_expert, top_k, use_nitp) in VARIANTS.items():
             variant = argparse.Namespace(**{**vars(args), "n_expert": n_expert, "top_k": top_k, "nitp": use_nitp})
-            runs[name] = train.build(variant, train.prepare(variant))
+            runs[name] = train.setup(variant)
     except ValueError as e:
         machinery.fail(str(e), program="bench.py")
     device, dtype = runs["NTP (dense)"].device, runs["NTP (dense)"].precision.dtype

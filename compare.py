@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
             pool(args.pool, args.out_dir)
             return
         for settings in arms(args, args.seed, arm_changes(args)).values():  # every run checked before the first
-            train.prepare(settings)
+            train.setup(settings)
     except ValueError as e:
         fail(str(e), program="compare.py")
     run_or_exit(compare, args, "compare.py")

@@ -296,7 +296,8 @@ def tokenize(text: str, source: str, tokenizer: tiktoken.Encoding) -> Dataset:
     encode = lambda raw: np.array(tokenizer.encode_ordinary(raw.decode("utf-8")), dtype=dtype)  # noqa: E731
     val_parts = [encode(doc) for doc in val_docs]
     starts = np.cumsum([0] + [len(part) for part in val_parts[:-1]])
-    return Dataset(encode(train), np.concatenate(val_parts), starts, tokenizer, about)
+    val = np.concatenate(val_parts) if val_parts else np.zeros(0, dtype=dtype)  # a text too short holds none out
+    return Dataset(encode(train), val, starts, tokenizer, about)
 
 
 def cached(path: Path, make, tokenizer: tiktoken.Encoding) -> Dataset:

@@ -1,24 +1,24 @@
-"""The machinery of a training run that a reader can skip: none of it is about NTP or NITP.
+"""What a training run needs and a first reading skips: none of it is about NTP or NITP.
 
 train.py calls it by name, and a run on one CPU in float32 uses almost none of it:
-  - messages and the command line: train.py's flags with their defaults, one line per user error, printed once
-    under torchrun;
+  - the command line's checks: train.py's flags, built from its settings; one line per user error, printed once
+    under torchrun; an output folder we can write to;
   - devices and precision: the device (checked with a kernel), the training dtype (--dtype) with autocast and
     float16's gradient scaler, fused AdamW, --compile, --deterministic, batches sent to a GPU without waiting;
-  - data parallel under torchrun: each process's share of a batch, the gradients averaged (DDP), the one wait
-    for the device per step (the NaN guard, and Ctrl-C agreed across processes);
-  - the log: metrics.jsonl, written a batch of steps at a time, and the lines a run prints;
-  - checkpoints and --resume: what a run saves, files written so that a crash never leaves half of one, and a
-    stopped run continued exactly where it stopped.
+  - torchrun's set-up: this process's rank and the number of processes;
+  - checkpoints and --resume: what a run saves, files written so that a crash never leaves half of one, a
+    stopped run continued exactly where it stopped, and Ctrl-C that stops a run after a step.
 
 Learners train on a laptop CPU, a MacBook (MPS), a free Colab T4 or an older lab GPU, with whatever torch they
 have: the differences between those live here.
 """
 import argparse
+import ast
 import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -28,12 +28,10 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import TOKENIZERS, atomic_write
-from model import MoE, model_size
-from nitp import HEADS, LOSSES
+from model import GPT, MoE
+from nitp import HEADS, LOSSES, NITP
 
 # ----------------------------------------------------------------------------------------------------
 # Messages and the command line's checks
@@ -85,71 +83,42 @@ def check_out_dir(out_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# train.py's command line: every flag with its default. The defaults are the classroom setting, chosen and checked
-# on fresh seeds (RESULTS.md). compare.py, ablations.py and bench.py take the same flags.
+# train.py's command line, built from the settings at the top of train.py. compare.py, ablations.py and bench.py
+# take the same flags (their parsers add their own).
+
+SETTINGS = Path(__file__).with_name("train.py")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHOICES = {"nitp_shift": (1, 0), "nitp_head": HEADS, "nitp_loss": LOSSES, "tokenizer": TOKENIZERS,
+           "dtype": ("auto", *DTYPES)}
+
 
 def make_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(description="Train a small GPT with NTP, or NTP + NITP.", allow_abbrev=False,
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    real = finite_float  # a float flag refuses inf and nan
-    g = p.add_argument_group("NITP")
-    g.add_argument("--nitp", action="store_true", help="add the NITP loss (without it: the NTP baseline)")
-    g.add_argument("--nitp-lambda", type=real, default=1.0, help="λ, the weight of the NITP loss")
-    g.add_argument("--nitp-layer", type=int, default=None,
-                   help="target block k (0 = embeddings); default round(0.2 * n_layer), at least 1")
-    g.add_argument("--nitp-shift", type=int, choices=(1, 0), default=1,
-                   help="ablation: 1 predicts z_{t+1} (NITP), 0 predicts z_t (same position)")
-    g.add_argument("--nitp-no-stopgrad", action="store_true", help="ablation: let gradients flow into the target")
-    g.add_argument("--nitp-head", choices=HEADS, default="swiglu", help="ablation: the projection head P")
-    g.add_argument("--nitp-head-width", type=int, default=None,
-                   help="the SwiGLU head's hidden width (default 4 * n_embd, the paper's; smaller costs less)")
-    g.add_argument("--nitp-loss", choices=LOSSES, default="cosine", help="ablation: the distance between P(h) and z")
-    g.add_argument("--nitp-start", type=int, default=0, help="ablation: the step at which the NITP loss switches on")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default="python-docs", help="'python-docs' (the Python reference, in corpus/), "
-                   "'shakespeare' (downloaded once) or a path to a UTF-8 text file")
-    g.add_argument("--tokenizer", choices=TOKENIZERS, default="bytes",
-                   help="'bytes' (256 tokens, offline) or a standard tiktoken encoding")
-    g = p.add_argument_group("model")
-    g.add_argument("--n-layer", type=int, default=4, help="number of transformer blocks")
-    g.add_argument("--n-head", type=int, default=4, help="attention heads per block")
-    g.add_argument("--n-embd", type=int, default=128, help="model width d")
-    g.add_argument("--block-size", type=int, default=64, help="context length in tokens")
-    g = p.add_argument_group("mixture of experts")
-    g.add_argument("--n-expert", type=int, default=1, help="routed experts per MoE layer (1 = dense MLP)")
-    g.add_argument("--top-k", type=int, default=1, help="experts each token is routed to")
-    g.add_argument("--n-shared", type=int, default=0, help="always-on shared experts per MoE layer")
-    g.add_argument("--n-dense-layers", type=int, default=1, help="first blocks that stay dense when --n-expert > 1")
-    g.add_argument("--aux-loss-coef", type=real, default=0.01, help="weight of the load-balancing loss")
-    g.add_argument("--z-loss-coef", type=real, default=0.0, help="weight of the router z-loss (0 = off)")
-    g = p.add_argument_group("training")
-    g.add_argument("--max-iters", type=int, default=1000, help="optimizer steps in total")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, per process under torchrun")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--learning-rate", type=real, default=2e-3, help="peak learning rate")
-    g.add_argument("--warmup-iters", type=int, default=None,
-                   help="steps of linear warm-up before the cosine decay (default: a tenth of --max-iters)")
-    g.add_argument("--weight-decay", type=real, default=0.1, help="AdamW weight decay on matrices")
-    g.add_argument("--grad-clip", type=real, default=1.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--seed", type=int, default=1337, help="seed for the weights and the batch order")
-    g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-interval", type=int, default=None,
-                   help="evaluate and checkpoint every this many steps (default: a tenth of --max-iters)")
-    g.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
-    g.add_argument("--log-interval", type=int, default=20, help="print a progress line every this many steps")
-    g.add_argument("--out-dir", default="out", help="where metrics.jsonl and ckpt.pt go")
-    g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out-dir "
-                   "(only --max-iters, --eval-interval, --eval-iters, --log-interval and the system flags may change)")
-    g = p.add_argument_group("system (DEVICES.md)")
-    g.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device name")
-    g.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                   help="'auto': bfloat16 on CUDA GPUs that have it natively, float16 on older ones, float32 "
-                        "on the CPU and MPS; bfloat16/float16 train under autocast; float32 on CUDA does its matmuls in TF32")
-    g.add_argument("--compile", action="store_true", help="compile the model with torch.compile (CUDA, CPU)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="torch's deterministic algorithms: on CUDA, runs and resumes that repeat bit for bit, "
-                        "somewhat slower (the CPU is deterministic without it)")
-    return p
+    """A flag for each line `name = default  # help` of train.py's settings (name_with_underscores is
+    --name-with-dashes), in the groups of its `# heading` lines; a comment line indented under a setting goes on
+    with its help. The type is the default's: a bool is a switch (off by default), a float refuses inf and NaN,
+    and None (a value computed from the others, in parse_args) stands for an integer. Read, not imported:
+    train.py imports this file."""
+    parser = OneLineParser(description="Train a small GPT with NTP, or NTP + NITP.", allow_abbrev=False,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    block = SETTINGS.read_text().split("\n# Settings:", 1)[1].split("\n\n", 1)[1]  # after the intro paragraph
+    group, settings = parser, []  # settings: [group, name, default, help]
+    for line in block.split("\n# ---", 1)[0].splitlines():
+        if heading := re.fullmatch(r"# (.+)", line):
+            group = parser.add_argument_group(heading[1])
+        elif setting := re.fullmatch(r"(\w+) = (.+?) +# (.+)", line):
+            settings.append([group, setting[1], ast.literal_eval(setting[2]), setting[3]])
+        elif more := re.fullmatch(r" +# (.+)", line):
+            settings[-1][3] += " " + more[1]
+        elif line.strip():
+            raise SyntaxError(f"{SETTINGS}: {line!r} is not `name = default  # help`, a `# heading` or a blank line")
+    for group, name, default, help in settings:
+        flag, help = "--" + name.replace("_", "-"), help.replace("%", "%%")  # argparse formats its help with %
+        if isinstance(default, bool):
+            group.add_argument(flag, action="store_true", help=help)
+        else:
+            kind = {float: finite_float, str: str}.get(type(default), int)  # int, or None: an integer
+            group.add_argument(flag, type=kind, default=default, choices=CHOICES.get(name), help=help)
+    return parser
 
 
 def parse_args(argv: list[str] | None = None, saved: dict | None = None,
@@ -178,8 +147,6 @@ def parse_args(argv: list[str] | None = None, saved: dict | None = None,
 
 # ----------------------------------------------------------------------------------------------------
 # Devices and precision
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def pick_device(name: str) -> torch.device:
@@ -247,7 +214,7 @@ def use_deterministic_algorithms() -> None:
 def optimizer_kernels(device: torch.device) -> dict:
     """How AdamW runs here: one fused kernel for all parameters on CUDA and MPS (both since torch 2.4). On the
     CPU, the default loop over the parameters: the classroom numbers were measured with it, and a step of the
-    toy model is dominated by the matmuls anyway. checkpoint.restore re-applies this choice on resume, since
+    toy model is dominated by the matmuls anyway. restore() re-applies this choice on resume, since
     a checkpoint written on another device carries that device's choice."""
     return {"fused": True} if device.type in ("cuda", "mps") else {}
 
@@ -295,24 +262,6 @@ class Precision:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.autocast = autocast_for(device, dtype)  # `with precision.autocast:` around each forward pass
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    @property
-    def scaling(self) -> bool:
-        """float16: inf gradients are the scaler's to handle (it skips the step); elsewhere they are a divergence."""
-        return self.scaler.is_enabled()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        """loss.backward(), with the loss scaled up first under float16."""
-        self.scaler.scale(loss).backward()
-
-    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        """The true gradients, to clip and to guard (nothing to undo but under float16)."""
-        self.scaler.unscale_(optimizer)
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """optimizer.step(); under float16 the scaler skips it if a gradient overflowed, and adapts its scale."""
-        self.scaler.step(optimizer)
-        self.scaler.update()
 
 
 def check_compile(device: torch.device) -> None:
@@ -370,7 +319,7 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data parallel, under torchrun
+# torchrun's set-up
 
 def torchrun_rank(device: torch.device) -> tuple[int, int]:
     """(rank, world size) from the variables torchrun sets; (0, 1) without torchrun."""
@@ -382,178 +331,12 @@ def torchrun_rank(device: torch.device) -> tuple[int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
 
-def shard(batch: tuple[torch.Tensor, torch.Tensor], rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share of a global batch: its rows of x and y. Every process draws the same global batch (of
-    world_size × --batch-size rows) from the same generator and keeps its own slice, so the processes together see
-    exactly the batches of one process with world_size times the batch, and the generator state that a checkpoint
-    saves is the same in every process: resuming is exact under torchrun too."""
-    x, y = batch                              # (world_size · B, T) each
-    rows = len(x) // world_size
-    mine = slice(rank * rows, (rank + 1) * rows)
-    return x[mine], y[mine]                   # (B, T) each
-
-
-def data_parallel(module: torch.nn.Module, run) -> torch.nn.Module:
-    """The loss module, wrapped in DistributedDataParallel under torchrun (it averages the gradients of every
-    process's backward); as it is in one process."""
-    if run.world_size == 1:
-        return module
-    # Before --nitp-start the head gets no gradient, and DDP must then look for unused parameters in every step
-    # (a graph traversal), or it stops with an error. MoE experts need no search: an expert that got no token
-    # still runs, on an empty chunk, and gets a zero gradient.
-    head_idle = run.nitp is not None and run.nitp.config.start > 0
-    return DDP(module, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-               find_unused_parameters=head_idle)
-
-
-def gradients_kept_local(loss_fn: torch.nn.Module, keep: bool):
-    """Under DDP, a backward that does not average the gradients yet (every micro-batch of --grad-accum but the
-    last: the average is taken once per step); otherwise nothing."""
-    return loss_fn.no_sync() if keep and isinstance(loss_fn, DDP) else contextlib.nullcontext()
-
-
-def sync_step(terms: torch.Tensor, guarded: torch.Tensor, interrupted: bool,
-              world_size: int) -> tuple[torch.Tensor, bool, bool]:
-    """The one host sync of a training step. terms: (n,) this rank's loss terms; guarded: the values that must
-    be finite. Returns the terms averaged over the ranks (the global batch's; still on the device), and, the
-    same on every rank: did a guarded value become NaN or inf on some rank, did some rank get Ctrl-C. All
-    ranks must stop at the same step, or the others hang."""
-    flags = torch.stack([(~torch.isfinite(guarded)).any().float(),      # (2,) on the device: no copy, no wait
-                         torch.full_like(terms[0], float(interrupted))])
-    if world_size > 1:
-        both = torch.cat([terms, flags])
-        dist.all_reduce(both)  # a sum (gloo has no average): > 0 means "on some rank"
-        terms, flags = both[:len(terms)] / world_size, both[len(terms):]
-    bad, interrupted = (flags > 0).tolist()  # the sync
-    return terms, bad, interrupted
-
-
-def first_non_finite(values: dict[str, float]) -> str | None:
-    """What went bad first, checking the parts of the loss (named as in training_loss) before their total, and
-    the loss before the gradient norm: "the nitp loss is nan". None if everything is finite."""
-    checks = [(f"the {name} loss", value) for name, value in values.items() if name not in ("loss", "grad_norm")]
-    checks += [("the total loss", values["loss"])]
-    checks += [("the gradient norm", values["grad_norm"])] if "grad_norm" in values else []
-    return next((f"{what} is {value}" for what, value in checks if not math.isfinite(value)), None)
-
-
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """The total norm of the gradients, which are then clipped to max_norm; with max_norm 0 only measured."""
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    # not clip_grad_norm_(params, inf): it would still multiply every gradient by 1.0
-    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
-class StopOnSigint:
-    """Ctrl-C asks the loop to stop after the current step, so that the checkpoint is consistent."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The log
-
-class MetricsLog:
-    """OUT_DIR/metrics.jsonl: a line per step and per evaluation, written by rank 0 only.
-
-    A step's values stay on the device until a progress line or an evaluation needs them (flush): then all the
-    steps logged since are fetched in one transfer, not one wait for the device per number."""
-
-    def __init__(self, path: Path, write: bool):
-        self.path, self.write = path, write
-        self.pending: list[tuple[dict, object]] = []  # steps (train.Step) not yet written
-        self.step_ms: list[float] = []              # durations of the steps since the last evaluation
-        self.evaluations: list[dict] = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.flush()
-
-    def add_step(self, step, ms: float) -> None:
-        self.step_ms.append(ms)
-        self.pending.append(({"step": step.number, "lr": step.lr, "ms": ms}, step))
-
-    def flush(self) -> dict | None:
-        """Write the pending steps; returns the last one."""
-        flat = torch.cat([step.values for _, step in self.pending]).tolist() if self.pending else []
-        record = None
-        for record, step in self.pending:
-            record.update(zip(step.names, flat[:len(step.names)]))
-            del flat[:len(step.names)]
-            if not math.isfinite(record["grad_norm"]):  # only with fp16: the scaler skipped this step
-                record.update(grad_norm=None, skipped=True)
-            self.append(record)
-        self.pending.clear()
-        return record
-
-    def add_evaluation(self, record: dict) -> dict:
-        """An evaluation's record, with the mean duration of the steps since the one before."""
-        record["ms_per_iter"] = float(np.mean(self.step_ms)) if self.step_ms else None
-        self.step_ms.clear()
-        self.evaluations.append(record)
-        self.append(record)
-        return record
-
-    def append(self, record: dict) -> None:
-        if self.write:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def print_evaluation(record: dict) -> None:
-    val_nitp = f"{record['val_nitp']:.4f}" if record["val_nitp"] is not None else "-"
-    print(f"eval step {record['step']:5d} | val lm {record['val_lm']:.4f} | val nitp {val_nitp} | "
-          f"erank {record['erank']:.1f} | anisotropy {record['anisotropy']:.3f}")
-    for layer, share in enumerate(record.get("expert_share", [])):
-        print(f"  MoE layer {layer + 1}: expert shares " + " ".join(f"{100 * s:.0f}%" for s in share))
-    if "max_load" in record:
-        print(f"  routing balance: busiest expert gets {record['max_load']:.2f}x its fair share (1.00 = even)")
-    if "nitp_cos" in record:
-        print(f"  NITP: cos(P(h), z) {record['nitp_cos']:.3f} | |P(h)| {record['pred_norm']:.2f} | "
-              f"|z| {record['target_norm']:.2f} | share of the backbone gradient {record['grad_nitp_share']:.1%} "
-              f"(cos to the LM's {record['grad_cos']:+.2f})")
-
-
-def print_progress(run, record: dict, recent_ms: list[float]) -> None:
-    """step 40/1000 | loss 3.1 | lm 2.9 | nitp 0.2 | lr 8.00e-04 | 52 ms/iter | 19.7k tok/s | left 0m50s"""
-    args = run.args
-    ms = float(np.mean(recent_ms))
-    tokens_per_step = args.batch_size * args.grad_accum * args.block_size * run.world_size
-    left = ms / 1000 * (args.max_iters - record["step"])
-    losses = {k: v for k, v in record.items() if k not in ("step", "lr", "ms", "grad_norm", "skipped")}
-    shown = " | ".join(f"{k} {v:.4f}" for k, v in losses.items())
-    print(f"step {record['step']:5d}/{args.max_iters} | {shown} | lr {record['lr']:.2e} | {ms:.0f} ms/iter | "
-          f"{tokens_per_step / ms:.1f}k tok/s | left {int(left // 60)}m{int(left % 60):02d}s")
-
-
-def describe(run) -> str:
-    head = sum(p.numel() for p in run.nitp.parameters()) if run.nitp else 0
-    return (f"model: {model_size(run.model)} parameters"
-            + (f" + NITP head {head / 1e6:.2f}M (training only), target block {run.nitp.layer}" if run.nitp else "")
-            + f" | {len(run.dataset.train):,} train / {len(run.dataset.val):,} val tokens | {run.device}, "
-            + str(run.precision.dtype).removeprefix("torch.")
-            + (" (matmuls in TF32)" if run.device.type == "cuda" and run.precision.dtype == torch.float32 else "")
-            + (f" x {run.world_size} processes" if run.world_size > 1 else ""))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints and --resume. A resumed run is first built like a new one, from the checkpoint's own settings
-# (train.parse_args reads them through `check_flags`); `restore` then puts the saved state into it: the weights,
-# the optimizer and gradient-scaler state, the batch generator and the step. The steps logged after the
-# checkpoint are dropped from metrics.jsonl (`start_metrics`), since the resumed run does them again.
+# (parse_args takes them as defaults, and `check_flags` refuses a flag that would change what is trained);
+# `restore` then puts the saved state into it: the weights, the optimizer and gradient-scaler state, the batch
+# generator and the step. The steps logged after the checkpoint are dropped from metrics.jsonl (`start_metrics`),
+# since the resumed run does them again.
 
 VERSION = 1
 
@@ -574,15 +357,16 @@ def launcher(world_size: int) -> str:
     return f"torchrun --standalone --nproc_per_node={world_size}" if world_size > 1 else "python"
 
 
-def save(path: Path, run) -> None:
-    """Everything `restore` needs to continue `run` (a train.Run) bit for bit, plus what a reader wants to
-    know later: the model's config, the command and the package versions."""
+def save(path: Path, *, step: int, world_size: int, args: argparse.Namespace, model: GPT, head: NITP | None,
+         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch_rng: torch.Generator) -> None:
+    """Everything `restore` needs to continue a run bit for bit, plus what a reader wants to know later: the
+    model's config, the command and the package versions. Written whole or not at all (data.atomic_write)."""
     state = {
-        "format_version": VERSION, "step": run.step, "world_size": run.world_size,
-        "model": run.model.state_dict(), "nitp": run.nitp.state_dict() if run.nitp else None,
-        "optimizer": run.optimizer.state_dict(), "scaler": run.precision.scaler.state_dict(),
-        "rng": {"batches": run.batch_rng.get_state(), "torch": torch.get_rng_state()},
-        "model_config": asdict(run.model.config), "args": vars(run.args), "command": sys.argv,
+        "format_version": VERSION, "step": step, "world_size": world_size,
+        "model": model.state_dict(), "nitp": head.state_dict() if head else None,
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "rng": {"batches": batch_rng.get_state(), "torch": torch.get_rng_state()},
+        "model_config": asdict(model.config), "args": vars(args), "command": sys.argv,
         "versions": {"torch": str(torch.__version__), "numpy": np.__version__, "tiktoken": tiktoken.__version__,
                      "python": sys.version.split()[0]}}
     atomic_write(path, lambda f: torch.save(state, f))
@@ -603,7 +387,7 @@ def load(out_dir: str) -> dict:
     return ckpt
 
 
-def check_flags(saved: dict, args) -> None:
+def check_flags(saved: dict, args: argparse.Namespace) -> None:
     """A flag given with --resume may change only the RESUMABLE settings. Raises ValueError. (Names that this
     train.py does not know, from a checkpoint of an older version, are skipped.)"""
     for name, value in saved.items():
@@ -622,21 +406,23 @@ def check_world_size(ckpt: dict, world_size: int, out_dir: str) -> None:
                          + (launcher(saved) if saved > 1 else "python, not torchrun"))
 
 
-def restore(run, ckpt: dict) -> None:
-    """Put the checkpoint's state into a freshly built run. Raises ValueError if it does not fit."""
+def restore(ckpt: dict, *, model: GPT, head: NITP | None, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, batch_rng: torch.Generator, out_dir: str) -> int:
+    """Put the checkpoint's state into a freshly built run's parts; returns the step to continue from. Raises
+    ValueError if it does not fit."""
     try:
-        run.model.load_state_dict(ckpt["model"])
-        if run.nitp is not None:
-            run.nitp.load_state_dict(ckpt["nitp"])
-        run.optimizer.load_state_dict(with_kernels_of(run.optimizer, ckpt["optimizer"]))
+        model.load_state_dict(ckpt["model"])
+        if head is not None:
+            head.load_state_dict(ckpt["nitp"])
+        optimizer.load_state_dict(with_kernels_of(optimizer, ckpt["optimizer"]))
         if ckpt.get("scaler"):
-            run.precision.scaler.load_state_dict(ckpt["scaler"])
-        run.batch_rng.set_state(ckpt["rng"]["batches"])
+            scaler.load_state_dict(ckpt["scaler"])
+        batch_rng.set_state(ckpt["rng"]["batches"])
         torch.set_rng_state(ckpt["rng"]["torch"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise ValueError(f"the checkpoint in {run.args.out_dir} does not fit this model "
+        raise ValueError(f"the checkpoint in {out_dir} does not fit this model "
                          f"({str(e).splitlines()[0][:120]}); start a new run in another --out-dir") from None
-    run.step = ckpt["step"]
+    return ckpt["step"]
 
 
 def with_kernels_of(optimizer: torch.optim.Optimizer, saved: dict) -> dict:
@@ -659,3 +445,16 @@ def start_metrics(path: Path, step: int) -> None:
     atomic_write(path, lambda f: f.write(kept.encode()))
 
 
+class StopOnSigint:
+    """Ctrl-C asks the loop to stop after the current step, so that the checkpoint it saves is consistent."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)

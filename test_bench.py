@@ -30,19 +30,18 @@ def test_the_speed_report_refuses_the_flags_it_would_ignore(capsys):
 
 
 def test_every_other_flag_reaches_each_timed_run_as_it_would_reach_a_training_run(monkeypatch):
-    """Each variant is built by train.py's own prepare() and build() from the full command line: the flags that
+    """Each variant is built by train.py's own setup() from the full command line: the flags that
     bench.py does not refuse all arrive, with only the MoE shape and NITP switch set per variant."""
     dests = {a.dest for a in machinery.make_parser()._actions if a.dest != "help"}
     assert dests == set(USED) | set(bench.REFUSED)  # a new train.py flag must be used or refused here
     built = []
 
-    def stop_at_build(args, settings):
+    def stop_at_setup(args):
         built.append(args)
         if len(built) == len(bench.VARIANTS):
             raise ValueError("stop")  # bench.py turns this into its one-line error
 
-    monkeypatch.setattr(train, "prepare", lambda args: None)
-    monkeypatch.setattr(train, "build", stop_at_build)
+    monkeypatch.setattr(train, "setup", stop_at_setup)
     for name, value in USED.items():
         flag = "--" + name.replace("_", "-")
         built.clear()

@@ -317,9 +317,18 @@ def test_a_pair_mask_keeps_only_the_pairs_it_marks():
 
 
 def test_document_ids_give_the_mask_of_pairs_within_one_document():
-    """The docstring's recipe for packed documents: a pair counts only inside one document."""
+    """The docstring's recipe for packed documents, through NITP itself: with mask = doc[:, :-1] == doc[:, 1:] the
+    loss is the mean over the pairs inside one document, and whatever stands across a boundary changes nothing."""
     doc = torch.tensor([[0, 0, 0, 1, 1, 2]])
-    assert (doc[:, :-1] == doc[:, 1:]).tolist() == [[True, True, False, True, False]]
+    mask = doc[:, :-1] == doc[:, 1:]  # (1, 5): pairs (t, t+1) of one document
+    assert mask.tolist() == [[True, True, False, True, False]]
+    nitp = tiny_nitp(d=16)
+    h, z = torch.randn(1, 6, 16), torch.randn(1, 6, 16)
+    inside = [0, 1, 3]  # the pairs (0, 1), (1, 2), (3, 4)
+    assert nitp(h, z, mask).item() == pytest.approx(nitp.distances(h, z)[0, inside].mean().item(), rel=1e-6)
+    crossing = h.clone()
+    crossing[0, [2, 4]] = 1e3  # h at the last position of documents 0 and 1: its pair crosses a boundary
+    assert nitp(crossing, z, mask).item() == pytest.approx(nitp(h, z, mask).item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- is NITP alive?

@@ -19,6 +19,7 @@ def test_the_notebook_is_stored_without_outputs():
     assert all(c.get("outputs", []) == [] and c.get("execution_count") is None for c in cells if c["cell_type"] == "code")
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_top_to_bottom_and_gives_the_verdict(tmp_path, monkeypatch):
     """With a small parameter set in its parameter cell, every cell runs without an error, the live plot is
     drawn, and the last cells print the verdict in plain words from compare.json."""

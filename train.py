@@ -9,12 +9,12 @@ Every run writes OUT_DIR/metrics.jsonl (one line per step, one per evaluation) a
 Exit status: 0 done; 2 bad input; 3 a loss term or the gradient norm became NaN or infinite (the checkpoint
 keeps the last good state); 130 interrupted with Ctrl-C, after saving a checkpoint to resume from.
 
-Read it top to bottom: `main`, what a run holds and how it is set up, the loop, one step, the evaluation. What a
-run on one CPU does not need to be understood (the command line's flags, devices and precision, torchrun,
-checkpoints, the log) is in machinery.py, called by name: skip it on a first reading. `python train.py --help`
-lists every flag with its default.
+Read it top to bottom: the settings, `main`, the run and its set-up, the loop, one step, the evaluation. What a
+run on one CPU does not need (devices and precision, torchrun's set-up, checkpoints and resume, the checks of
+the command line) is in machinery.py, called by name: skip it on a first reading.
 """
 import argparse
+import json
 import math
 import sys
 import time
@@ -24,12 +24,72 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import machinery
 from data import Dataset, every_window, get_batch, get_tokenizer, load_dataset
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, model_size
 from nitp import NITP, Geometry, NITPConfig, TrainingLoss, diagnostics, target_layer
 
+# ----------------------------------------------------------------------------------------------------
+# Settings: the defaults of every run. Edit them here, or override any with its flag: nitp_lambda is
+# --nitp-lambda (`python train.py --nitp --max-iters 200`); `python train.py --help` lists them all. The command
+# line is built from these lines (machinery.make_parser reads `name = default  # help`, and a `# heading` line
+# names a group of flags); the code reads the values from `args`. The defaults are the classroom setting,
+# chosen and checked on fresh seeds (RESULTS.md). compare.py, ablations.py and bench.py take the same flags.
+
+# NITP
+nitp = False                # add the NITP loss (without it: the NTP baseline)
+nitp_lambda = 1.0           # λ, the weight of the NITP loss
+nitp_layer = None           # target block k (0 = embeddings); None: round(0.2 * n_layer), at least 1
+nitp_shift = 1              # ablation: 1 predicts z_{t+1} (NITP), 0 predicts z_t (same position)
+nitp_no_stopgrad = False    # ablation: let gradients flow into the target
+nitp_head = "swiglu"        # ablation: the projection head P
+nitp_head_width = None      # the SwiGLU head's hidden width; None: 4 * n_embd, the paper's (smaller costs less)
+nitp_loss = "cosine"        # ablation: the distance between P(h) and z
+nitp_start = 0              # ablation: the step at which the NITP loss switches on
+# data
+data = "python-docs"        # 'python-docs' (the Python reference, in corpus/), 'shakespeare' (downloaded once)
+                            # or a path to a UTF-8 text file
+tokenizer = "bytes"         # 'bytes' (256 tokens, offline) or a standard tiktoken encoding
+# model
+n_layer = 4                 # number of transformer blocks
+n_head = 4                  # attention heads per block
+n_embd = 128                # model width d
+block_size = 64             # context length in tokens
+# mixture of experts
+n_expert = 1                # routed experts per MoE layer (1 = dense MLP)
+top_k = 1                   # experts each token is routed to
+n_shared = 0                # always-on shared experts per MoE layer
+n_dense_layers = 1          # first blocks that stay dense when --n-expert > 1
+aux_loss_coef = 0.01        # weight of the load-balancing loss
+z_loss_coef = 0.0           # weight of the router z-loss (0 = off)
+# training
+max_iters = 1000            # optimizer steps in total
+batch_size = 16             # sequences per micro-batch, per process under torchrun
+grad_accum = 1              # micro-batches per optimizer step
+learning_rate = 2e-3        # peak learning rate (AdamW, betas 0.9 and 0.95; cosine decay to a tenth)
+warmup_iters = None         # steps of linear warm-up before the cosine decay; None: a tenth of --max-iters
+weight_decay = 0.1          # AdamW weight decay on matrices
+grad_clip = 1.0             # clip the gradient norm to this (0 = off: measured only)
+seed = 1337                 # seed for the weights and the batch order
+# evaluation and output
+eval_interval = None        # evaluate and checkpoint every this many steps; None: a tenth of --max-iters
+eval_iters = 10             # validation batches per evaluation during training (the last reads all of it)
+log_interval = 20           # print a progress line every this many steps
+out_dir = "out"             # where metrics.jsonl and ckpt.pt go
+resume = False              # continue the run whose checkpoint is in --out-dir (only --max-iters,
+                            # --eval-interval, --eval-iters, --log-interval and the system flags may change)
+# system (DEVICES.md)
+device = "auto"             # 'auto' (cuda, then mps, then cpu), or a torch device name
+dtype = "auto"              # 'auto': bfloat16 on CUDA GPUs that have it natively, float16 on older ones,
+                            # float32 on the CPU and MPS; bfloat16/float16 train under autocast; float32 on
+                            # CUDA does its matmuls in TF32
+compile = False             # compile the model with torch.compile (CUDA, CPU)
+deterministic = False       # torch's deterministic algorithms: on CUDA, runs and resumes that repeat bit for bit,
+                            # somewhat slower (the CPU is deterministic without it)
+
+# ----------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
     args = machinery.parse_args(argv)
@@ -78,29 +138,9 @@ class Run:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
-@dataclass
-class Settings:
-    """What a run's flags ask for, checked: where it runs, on which tokens, with which model and head."""
-    device: torch.device
-    dtype: torch.dtype
-    rank: int
-    world_size: int
-    dataset: Dataset
-    model: GPTConfig
-    nitp: NITPConfig | None
-
-
 def setup(args: argparse.Namespace, ckpt: dict | None = None) -> Run:
-    """A new run, or with `ckpt` the run it saved. Raises ValueError on bad input, before anything is written."""
-    run = build(args, prepare(args, ckpt))
-    if ckpt is not None:
-        machinery.restore(run, ckpt)
-    return run
-
-
-def prepare(args: argparse.Namespace, ckpt: dict | None = None) -> Settings:
-    """Check every setting that can be wrong (the device, the dtype, the model, the data) and load the data: the
-    token cache is the first file a run writes. Raises ValueError."""
+    """A new run, or with `ckpt` the run it saved. Every setting that can be wrong (the device, the dtype, the
+    model, the data, the checkpoint) raises ValueError here, before anything but the token cache is written."""
     if args.deterministic:
         machinery.use_deterministic_algorithms()  # before the first kernel
     device = machinery.pick_device(args.device)
@@ -110,10 +150,25 @@ def prepare(args: argparse.Namespace, ckpt: dict | None = None) -> Settings:
     rank, world_size = machinery.torchrun_rank(device)
     if ckpt is not None:
         machinery.check_world_size(ckpt, world_size, args.out_dir)
-    tokenizer = get_tokenizer(args.tokenizer)
-    model, nitp = model_config(args, tokenizer.n_vocab), nitp_config(args)
-    dataset = load_dataset(args.data, tokenizer, args.block_size)
-    return Settings(device, dtype, rank, world_size, dataset, model, nitp)
+    vocab_size = get_tokenizer(args.tokenizer).n_vocab
+    model_cfg, nitp_cfg = model_config(args, vocab_size), nitp_config(args)  # checked before the data loads
+    dataset = load_dataset(args.data, get_tokenizer(args.tokenizer), args.block_size)
+
+    torch.manual_seed(args.seed)
+    model = GPT(model_cfg).to(device)
+    # Built after the backbone, from the same seed: NTP and NITP runs of one seed start from the same weights.
+    head = NITP(nitp_cfg, args.n_layer, args.n_embd).to(device) if nitp_cfg else None
+    params = {id(p): p for m in [model] + ([head] if head else []) for p in m.parameters()}.values()  # tied: once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},  # matrices only
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95),
+                                  **machinery.optimizer_kernels(device))
+    run = Run(args, device, machinery.Precision(device, dtype), dataset, model, head, optimizer,
+              torch.Generator().manual_seed(args.seed), rank=rank, world_size=world_size)
+    if ckpt is not None:
+        run.step = machinery.restore(ckpt, model=model, head=head, optimizer=optimizer,
+                                     scaler=run.precision.scaler, batch_rng=run.batch_rng, out_dir=args.out_dir)
+    return run
 
 
 def model_config(args: argparse.Namespace, vocab_size: int) -> GPTConfig:
@@ -134,27 +189,26 @@ def nitp_config(args: argparse.Namespace) -> NITPConfig | None:
     return config
 
 
-def build(args: argparse.Namespace, settings: Settings) -> Run:
-    """The model (seeded), the NITP head, AdamW over both, the precision, the batch generator."""
-    torch.manual_seed(args.seed)
-    model = GPT(settings.model).to(settings.device)
-    # Built after the backbone, from the same seed: NTP and NITP runs of one seed start from the same weights.
-    nitp = NITP(settings.nitp, args.n_layer, args.n_embd).to(settings.device) if settings.nitp else None
-    params = {id(p): p for m in [model] + ([nitp] if nitp else []) for p in m.parameters()}.values()  # tied: once
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},  # matrices only
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95),
-                                  **machinery.optimizer_kernels(settings.device))
-    return Run(args, settings.device, machinery.Precision(settings.device, settings.dtype), settings.dataset,
-               model, nitp, optimizer, torch.Generator().manual_seed(args.seed), rank=settings.rank,
-               world_size=settings.world_size)
-
-
 def training_loss(run: Run) -> torch.nn.Module:
     """What a step calls: L = L_NTP + λ·L_NITP from one pass of the backbone (nitp.TrainingLoss), on the compiled
-    model with --compile, with the gradients averaged across processes under torchrun."""
+    model with --compile; under torchrun wrapped in DDP, which averages the gradients of every process's backward."""
     model = machinery.compiled(run.model) if run.args.compile else run.model
-    return machinery.data_parallel(TrainingLoss(model, run.nitp), run)
+    loss_fn = TrainingLoss(model, run.nitp)
+    if run.world_size > 1:
+        # Before --nitp-start the head gets no gradient, and DDP must then look for unused parameters in every
+        # step (a graph traversal), or it stops with an error. MoE experts need no search: an expert that got no
+        # token still runs, on an empty chunk, and gets a zero gradient.
+        head_idle = run.nitp is not None and run.nitp.config.start > 0
+        loss_fn = DDP(loss_fn, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                      find_unused_parameters=head_idle)
+    return loss_fn
+
+
+def save(run: Run) -> None:
+    """OUT_DIR/ckpt.pt: all that --resume needs to continue the run bit for bit."""
+    machinery.save(Path(run.args.out_dir) / "ckpt.pt", step=run.step, world_size=run.world_size, args=run.args,
+                   model=run.model, head=run.nitp, optimizer=run.optimizer, scaler=run.precision.scaler,
+                   batch_rng=run.batch_rng)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,13 +226,15 @@ def train(run: Run, on_eval=None, sample: bool = True) -> list[dict]:
     """Train to args.max_iters; returns the evaluation records. on_eval(record) is called after each one.
     Raises Diverged (nothing saved after the last good checkpoint) or Interrupted (a checkpoint saved)."""
     args, master = run.args, run.rank == 0  # under torchrun only rank 0 prints, evaluates, samples and writes
-    out_dir = Path(args.out_dir)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        machinery.start_metrics(out_dir / "metrics.jsonl", run.step)
-    log = machinery.MetricsLog(out_dir / "metrics.jsonl", write=master)
+    metrics = Path(args.out_dir) / "metrics.jsonl"
     loss_fn = training_loss(run)
     during = validation_batches(run.dataset.val, args.batch_size, args.block_size, run.device, args.eval_iters)
+    evaluations, step_ms = [], []  # step_ms: how long each step since the last evaluation took
+
+    def log(record: dict) -> None:  # a line of metrics.jsonl
+        if master:
+            with open(metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def evaluation() -> None:  # rank 0 only; the last one reads the whole held-out text
         t0 = time.perf_counter()
@@ -186,41 +242,67 @@ def train(run: Run, on_eval=None, sample: bool = True) -> list[dict]:
         batches = validation_batches(run.dataset.val, args.batch_size, args.block_size, run.device) if whole else during
         record = {"step": run.step, "eval": True, "whole_split": whole,
                   **evaluate(run, loss_fn.module if run.world_size > 1 else loss_fn, batches, during[0])}
-        record = log.add_evaluation({**record, "eval_s": time.perf_counter() - t0})  # + ms/iter since the last
-        machinery.print_evaluation(record)
+        record.update(eval_s=time.perf_counter() - t0, ms_per_iter=float(np.mean(step_ms)) if step_ms else None)
+        step_ms.clear()
+        log(record)
+        evaluations.append(record)
+        val_nitp = f"{record['val_nitp']:.4f}" if record["val_nitp"] is not None else "-"
+        print(f"eval step {record['step']:5d} | val lm {record['val_lm']:.4f} | val nitp {val_nitp} | "
+              f"erank {record['erank']:.1f} | anisotropy {record['anisotropy']:.3f}"
+              + (" | the whole held-out text" if whole else ""))
+        for layer, share in enumerate(record.get("expert_share", [])):
+            print(f"  MoE layer {layer + 1}: expert shares " + " ".join(f"{100 * s:.0f}%" for s in share))
+        if "max_load" in record:
+            print(f"  routing balance: busiest expert gets {record['max_load']:.2f}x its fair share (1.00 = even)")
+        if "nitp_cos" in record:
+            print(f"  NITP: cos(P(h), z) {record['nitp_cos']:.3f} | |P(h)| {record['pred_norm']:.2f} | "
+                  f"|z| {record['target_norm']:.2f} | share of the backbone gradient {record['grad_nitp_share']:.1%} "
+                  f"(cos to the LM's {record['grad_cos']:+.2f})")
         if on_eval is not None:
             on_eval(record)
 
     if master:
-        print(machinery.describe(run))
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        machinery.start_metrics(metrics, run.step)  # a resumed run forgets the steps logged after its checkpoint
+        head = sum(p.numel() for p in run.nitp.parameters()) if run.nitp else 0
+        print(f"model: {model_size(run.model)} parameters"
+              + (f" + NITP head {head / 1e6:.2f}M (training only), target block {run.nitp.layer}" if run.nitp else "")
+              + f" | {len(run.dataset.train):,} train / {len(run.dataset.val):,} val tokens | {run.device}, "
+              + str(run.precision.dtype).removeprefix("torch.")
+              + (" (matmuls in TF32)" if run.device.type == "cuda" and run.precision.dtype == torch.float32 else "")
+              + (f" x {run.world_size} processes" if run.world_size > 1 else ""))
+        print(f"data: {run.dataset.about}")
         if run.step == 0:
             evaluation()
-    with machinery.StopOnSigint() as sigint, log:  # the log writes what it still holds however the loop ends
+    with machinery.StopOnSigint() as sigint:
         while run.step < args.max_iters:
             t0 = time.perf_counter()
             step = train_step(run, loss_fn, sigint)
-            log.add_step(step, ms=1000 * (time.perf_counter() - t0))  # train_step waited for the device
+            ms = 1000 * (time.perf_counter() - t0)  # train_step waited for the device
+            step_ms.append(ms)
+            log({"step": step.number, "lr": step.lr, "ms": ms, **step.values})
             last = step.number == args.max_iters
-            if step.number % args.log_interval == 0 or last:
-                record = log.flush()
-                if master:
-                    machinery.print_progress(run, record, log.step_ms[-args.log_interval:])
-            if step.number % args.eval_interval == 0 or last:
-                log.flush()
-                if master:
-                    evaluation()
-                    machinery.save(out_dir / "ckpt.pt", run)
+            if master and (step.number % args.log_interval == 0 or last):
+                ms = float(np.mean(step_ms[-args.log_interval:]))
+                tokens_per_step = args.batch_size * args.grad_accum * args.block_size * run.world_size
+                left = ms / 1000 * (args.max_iters - step.number)
+                losses = " | ".join(f"{k} {v:.4f}" for k, v in step.values.items() if k not in ("grad_norm", "skipped"))
+                print(f"step {step.number:5d}/{args.max_iters} | {losses} | lr {step.lr:.2e} | {ms:.0f} ms/iter | "
+                      f"{tokens_per_step / ms:.1f}k tok/s | left {int(left // 60)}m{int(left % 60):02d}s")
+            if master and (step.number % args.eval_interval == 0 or last):
+                evaluation()
+                save(run)
             if step.interrupted:
-                log.flush()
                 if master:
-                    machinery.save(out_dir / "ckpt.pt", run)
-                raise Interrupted(f"interrupted: saved step {step.number} to {out_dir / 'ckpt.pt'}; continue with: "
-                                  f"{machinery.launcher(run.world_size)} train.py --resume --out-dir {args.out_dir}")
+                    save(run)
+                raise Interrupted(f"interrupted: saved step {step.number} to {metrics.parent / 'ckpt.pt'}; continue "
+                                  f"with: {machinery.launcher(run.world_size)} train.py --resume "
+                                  f"--out-dir {args.out_dir}")
     if master and sample:
         prompt = torch.tensor([run.dataset.tokenizer.encode_ordinary("\n")], device=run.device)
         text = run.model.generate(prompt, max_new_tokens=300, temperature=0.8, top_k=50)[0].tolist()
         print("sample:\n" + run.dataset.tokenizer.decode(text, errors="replace"))
-    return log.evaluations
+    return evaluations
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,12 +310,12 @@ def train(run: Run, on_eval=None, sample: bool = True) -> list[dict]:
 
 @dataclass
 class Step:
-    """What one optimizer step leaves for the log. `values` stay on the device until the log needs them."""
-    number: int           # steps done, counting this one: 1 for the first
+    """What one optimizer step leaves for the log."""
+    number: int               # steps done, counting this one: 1 for the first
     lr: float
-    names: list[str]      # "loss" (the total), its parts ("lm", "nitp", "moe_aux"), "grad_norm"
-    values: torch.Tensor  # (len(names),) averaged over the micro-batches and the processes
-    interrupted: bool     # Ctrl-C in some process: every process stops after this step
+    values: dict[str, float]  # "loss" (the total), its parts ("lm", "nitp", "moe_aux"), "grad_norm": averaged
+                              # over the micro-batches and the processes; float16's skipped steps say so
+    interrupted: bool         # Ctrl-C in some process: every process stops after this step
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -247,38 +329,55 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
 
 def train_step(run: Run, loss_fn: torch.nn.Module, sigint=None) -> Step:
     """One optimizer step: the learning rate, --grad-accum micro-batches, the gradient clip, the NaN guard and
-    the update. It waits for the device once, in sync_step. Raises Diverged, before the update, if a loss term
-    or the gradient norm is not finite; the weights then stay those of the last good step."""
-    args, optimizer, precision = run.args, run.optimizer, run.precision
+    the update. It waits for the device once, to read the losses and the guard. Raises Diverged, before the
+    update, if a loss term or the gradient norm is not finite; the weights then stay those of the last good step."""
+    args, optimizer, scaler = run.args, run.optimizer, run.precision.scaler  # scaler: float16's; else it passes through
+    ddp = run.world_size > 1
     lr = lr_at(run.step, args)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    sums = {}  # name -> this process's mean over the micro-batches, on the device
+    terms = 0  # (n_terms,) the loss and its parts, averaged over the micro-batches; on the device
     for micro in range(args.grad_accum):
-        batch = get_batch(run.dataset.train, run.world_size * args.batch_size, args.block_size, run.batch_rng)
-        x, y = (machinery.to_device(t, run.device) for t in machinery.shard(batch, run.rank, run.world_size))
-        with machinery.gradients_kept_local(loss_fn, keep=micro < args.grad_accum - 1):
-            with precision.autocast:
-                loss, parts = loss_fn(x, y, run.step)  # L = L_NTP + λ·L_NITP, and its parts: nitp.TrainingLoss
-            precision.backward(loss / args.grad_accum)
-        for name, value in [("loss", loss), *parts.items()]:
-            sums[name] = sums.get(name, 0.0) + value.detach().float() / args.grad_accum
-    precision.unscale(optimizer)
-    grad_norm = machinery.clip_gradients(run.params, args.grad_clip)
-    terms = torch.stack(list(sums.values()))  # (n_terms,)
-    guarded = terms if precision.scaling else torch.cat([terms, grad_norm.reshape(1)])  # what must be finite
-    stop_requested = sigint is not None and sigint.requested  # read as late as possible: Ctrl-C during this step
-    terms, bad, interrupted = machinery.sync_step(terms, guarded, stop_requested, run.world_size)
-    names, values = [*sums, "grad_norm"], torch.cat([terms, grad_norm.reshape(1).float()])  # (n_terms + 1,)
+        # Under torchrun every process draws the same global batch and keeps its own rows: together they see the
+        # batches of one process with world_size times the batch, and resuming stays exact.
+        x, y = get_batch(run.dataset.train, run.world_size * args.batch_size, args.block_size, run.batch_rng)
+        if ddp:
+            mine = slice(run.rank * args.batch_size, (run.rank + 1) * args.batch_size)
+            x, y = x[mine], y[mine]  # (B, T) each
+        x, y = machinery.to_device(x, run.device), machinery.to_device(y, run.device)
+        if ddp:  # average the gradients across the processes once per step: in the last micro-batch's backward
+            loss_fn.require_backward_grad_sync = micro == args.grad_accum - 1
+        with run.precision.autocast:
+            loss, parts = loss_fn(x, y, run.step)  # L = L_NTP + λ·L_NITP, and its parts: nitp.TrainingLoss
+        scaler.scale(loss / args.grad_accum).backward()  # float16: scaled up, so that small gradients survive
+        terms = terms + torch.stack([loss, *parts.values()]).detach().float() / args.grad_accum
+    scaler.unscale_(optimizer)  # the true gradients, to clip and to guard
+    # --grad-clip 0 measures the norm only: an infinite bound scales the gradients by exactly 1
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.grad_clip or math.inf)
+    # The one read of the device: the loss terms, and two flags that every process must agree on, or the others
+    # hang: did a guarded value become NaN or inf, did Ctrl-C come (read as late as possible)?
+    guarded = terms if scaler.is_enabled() else torch.cat([terms, grad_norm.reshape(1)])  # float16: the scaler
+    not_finite = (~torch.isfinite(guarded)).any().float()                                 # skips inf gradients
+    stop = torch.full_like(not_finite, float(sigint is not None and sigint.requested))
+    shared = torch.cat([terms, not_finite.reshape(1), stop.reshape(1)])  # (n_terms + 2,)
+    if ddp:
+        dist.all_reduce(shared)  # a sum over the processes (gloo has no mean): a flag > 0 means "in some process"
+        shared[:len(terms)] /= run.world_size
+    *numbers, grad_norm, bad, interrupted = torch.cat([shared[:-2], grad_norm.reshape(1).float(), shared[-2:]]).tolist()
+    values = dict(zip(["loss", *parts, "grad_norm"], [*numbers, grad_norm]))
     if bad:  # stop before the update: the weights and the last checkpoint stay good
-        watched = {k: v for k, v in zip(names, values.tolist()) if k != "grad_norm" or not precision.scaling}
-        raise Diverged(f"step {run.step + 1}: {machinery.first_non_finite(watched)}; stopped before the update, "
-                       f"{Path(args.out_dir) / 'ckpt.pt'} is untouched (a new run with a lower --learning-rate "
-                       f"usually avoids this)")
-    precision.step(optimizer)
+        watched = [(f"the {k} loss", v) for k, v in values.items() if k not in ("loss", "grad_norm")]
+        watched += [("the total loss", values["loss"])] + [("the gradient norm", grad_norm)] * (not scaler.is_enabled())
+        what = next(f"{name} is {value}" for name, value in watched if not math.isfinite(value))
+        raise Diverged(f"step {run.step + 1}: {what}; stopped before the update, {Path(args.out_dir) / 'ckpt.pt'} "
+                       f"is untouched (a new run with a lower --learning-rate usually avoids this)")
+    if not math.isfinite(grad_norm):  # only under float16: the scaler skips this update
+        values.update(grad_norm=None, skipped=True)
+    scaler.step(optimizer)  # optimizer.step(), unless float16's gradients overflowed
+    scaler.update()         # float16: the scale grows after good steps, halves after a skipped one
     optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return Step(run.step, lr, names, values, interrupted)
+    return Step(run.step, lr, values, bool(interrupted))
 
 
 # ----------------------------------------------------------------------------------------------------
