@@ -96,6 +96,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="the SwiGLU head's hidden width (default 4 * n_embd, the paper's; smaller costs less)")
     g.add_argument("--nitp-loss", choices=LOSSES, default="cosine", help="ablation: the distance between P(h) and z")
     g.add_argument("--nitp-start", type=int, default=0, help="ablation: the step at which the NITP loss switches on")
+    g.add_argument("--nitp-shuffled-target", action="store_true",
+                   help="control: each target z comes from a random other position (the form of NITP, no content)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="python-docs", help="'python-docs' (the Python reference, in corpus/), "
                    "'shakespeare' (downloaded once) or a path to a UTF-8 text file")
@@ -468,7 +470,8 @@ def print_evaluation(record: dict) -> None:
     if "max_load" in record:
         print(f"  routing balance: busiest expert gets {record['max_load']:.2f}x its fair share (1.00 = even)")
     if "nitp_cos" in record:
-        print(f"  NITP: cos(P(h), z) {record['nitp_cos']:.3f} | |P(h)| {record['pred_norm']:.2f} | "
+        print(f"  NITP: cos(P(h), z) {record['nitp_cos']:.3f} (the mean direction: "
+              f"{record.get('nitp_cos_mean_direction', float('nan')):.3f}) | |P(h)| {record['pred_norm']:.2f} | "
               f"|z| {record['target_norm']:.2f} | share of the backbone gradient {record['grad_nitp_share']:.1%} "
               f"(cos to the LM's {record['grad_cos']:+.2f})")
 

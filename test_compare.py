@@ -12,9 +12,9 @@ import machinery
 import probe
 import stats
 import train
-from conftest import TINY, exact, read_metrics, same, tiny_nitp
+from conftest import TINY, exact, read_metrics, same, tiny_model, tiny_nitp, tokens
 from model import GPT, GPTConfig, flops_per_token
-from nitp import NITP, NITPConfig
+from nitp import NITP, NITPConfig, diagnostics, mean_direction_cos
 
 # ---------------------------------------------------------------------------------------------------- compare.py
 
@@ -242,3 +242,43 @@ def test_the_ablation_table_runs_every_switch_beside_the_papers_numbers(device, 
     args = json.loads((tmp_path / "seed1337-start-half-way" / "metrics.jsonl").read_text().splitlines()[1])
     assert args["step"] == 1 and "nitp" not in args  # NITP switched on at step 1 of 2, not before
     assert torch.load(tmp_path / "seed1338-no-head" / "ckpt.pt", weights_only=True)["args"]["nitp_head"] == "none"
+
+
+# ---------------------------------------------------------------------------------------------------- controls
+
+def test_the_shuffled_target_is_a_permutation_of_the_true_targets_and_stops_gradients():
+    """nitp.NITPConfig(shuffled=True), the control: the targets are the true z_{t+1}, traded among the (batch,
+    position) pairs, detached as NITP's are; the predictions are unchanged. With shuffled=False (the default)
+    nothing changes, bit for bit, and no random number is drawn."""
+    g = torch.Generator().manual_seed(0)
+    h, z = torch.randn(3, 12, 16, generator=g), torch.randn(3, 12, 16, generator=g, requires_grad=True)
+    pred, target = tiny_nitp().pairs(h, z)
+    plain = tiny_nitp(shuffled=False)  # the same weights (tiny_nitp seeds itself)
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    plain_pred, plain_target = plain.pairs(h, z)
+    assert torch.equal(torch.rand(1), before)                                  # the default draws nothing
+    assert torch.equal(pred, plain_pred) and torch.equal(target, plain_target)
+    shuffled_pred, shuffled = tiny_nitp(shuffled=True).pairs(h, z)
+    assert torch.equal(shuffled_pred, pred) and shuffled.shape == target.shape and not shuffled.requires_grad
+    rows, true_rows = shuffled.flatten(0, 1).tolist(), target.flatten(0, 1).tolist()
+    assert sorted(rows) == sorted(true_rows) and rows != true_rows             # the same targets, elsewhere
+    parser_args = machinery.parse_args(["--nitp", "--nitp-shuffled-target"])
+    assert train.nitp_config(parser_args).shuffled and not train.nitp_config(machinery.parse_args(["--nitp"])).shuffled
+
+
+def test_the_mean_direction_baseline_is_1_for_one_direction_and_near_0_for_random_ones():
+    """nitp_cos_mean_direction: the mean cosine of the targets with their mean direction. Targets all one way (of
+    any length): 1. Random directions: near 0. diagnostics() logs it beside nitp_cos."""
+    g = torch.Generator().manual_seed(0)
+    one_way = torch.rand(4, 10, 1, generator=g) * torch.randn(1, 1, 32, generator=g).abs()
+    assert mean_direction_cos(one_way + 0.0) == pytest.approx(1.0, abs=1e-6)
+    assert abs(mean_direction_cos(torch.randn(64, 64, 32, generator=g))) < 0.05
+    model, head = tiny_model(), tiny_nitp()
+    found = diagnostics(model, head, tokens(), tokens(seed=1), torch.autocast("cpu", enabled=False))
+    with torch.no_grad():
+        out = model(tokens())
+        _, target = head.pairs(out.hidden, out.block_outputs[head.layer])
+    assert found["nitp_cos_mean_direction"] == pytest.approx(mean_direction_cos(target), abs=1e-6)
+    assert -1 <= found["nitp_cos_mean_direction"] <= 1

@@ -129,7 +129,7 @@ def nitp_config(args: argparse.Namespace) -> NITPConfig | None:
         return None
     config = NITPConfig(lam=args.nitp_lambda, layer=args.nitp_layer, shift=args.nitp_shift,
                         stopgrad=not args.nitp_no_stopgrad, head=args.nitp_head, head_width=args.nitp_head_width,
-                        loss=args.nitp_loss, start=args.nitp_start)
+                        loss=args.nitp_loss, start=args.nitp_start, shuffled=args.nitp_shuffled_target)
     target_layer(config, args.n_layer)  # in range for this depth
     return config
 
