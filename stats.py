@@ -41,6 +41,9 @@ LOSS_MARGIN = 0.01
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the standard deviation (None below 2 values); NaN and None where a value is NaN or infinite."""
+    if not all(math.isfinite(v) for v in values):
+        return math.nan, None
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
@@ -135,16 +138,21 @@ def seeds_to_settle(mean: float | None, std: float | None, claim: str = "higher"
 
     The smallest n with t(n − 1, 97.5%) + t(n − 1, power) ≤ |distance| · sqrt(n) / std: the usual approximation
     of the power of the t test, which gives the same n as the exact noncentral t wherever we checked (test_stats.py).
-    The normal approximation, ((1.96 + 0.84) · std / distance)², understates n by about 2 at small n."""
+    The normal approximation, ((1.96 + 0.84) · std / distance)², understates n by about 2 at small n; it is where
+    the search starts (t's quantiles exceed the normal's, so no smaller n can do), and the answer beyond 1000 seeds."""
     if mean is None or std is None or std == 0 or not math.isfinite(mean) or not math.isfinite(std):
         return None
     distance = abs(mean - margin) if claim == "not worse" else abs(mean)
     if distance == 0:
         return None
-    for n in range(2, 1_000_000):
+    z = statistics.NormalDist().inv_cdf
+    normal = max(2, math.ceil(((z(0.975) + z(power)) * std / distance) ** 2))  # t's quantiles exceed these:
+    if normal > 1000:                                   # a lower bound to start from; beyond 1000 seeds t is normal
+        return normal
+    for n in range(normal, 1002):
         if t_critical(n - 1) + t_critical(n - 1, confidence=2 * power - 1) <= distance * math.sqrt(n) / std:
             return n
-    return None  # beyond a million seeds: no number to give
+    return normal
 
 
 def holm(p_values: list[float | None]) -> list[float | None]:

@@ -64,7 +64,7 @@ def test_compare_with_seeds_writes_its_summary(device, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "summary" in printed and "(1337-1338)" in printed and "time:" in printed
     assert f"eff. rank: {compare.interval(erank, '{:.2f}')}, NITP higher in" in printed
-    assert "what 2 seeds can settle: the interval excludes 0 only for a difference larger than" in printed
+    assert "what 2 seeds can settle: a mean difference farther than the interval's half-width from" in printed
     assert set(result["seconds"]) >= {"training steps", "evaluations", "probes"}
     assert set(result["summary"]["probes"]) == set(probe.TARGETS) and "probe_mean" in result["summary"]
     assert all(0 <= final[run]["probe:byte t+2"] <= 1 for final in result["finals"] for run in ("NTP", "NITP"))
@@ -146,10 +146,19 @@ def test_compare_refuses_bad_input_with_one_line_and_writes_nothing(argv, expect
 
 def test_the_paper_overhead_runs_are_what_their_names_say(tmp_path):
     """--paper-overhead: NITP with its SwiGLU head narrowed to the paper's +2.3% of FLOPs, NTP stretched to that
-    run's FLOPs, and NTP with one more block, whose 12d² weights are the full head's."""
+    run's FLOPs, and the control: NITP (the full head) with a shuffled target. Each comparison the summary makes
+    is a pair of these runs: small head − NTP at equal steps and at its compute, small head − full head, and NITP −
+    the shuffled-target control (the objective's content)."""
     args = compare.parse_args(["--paper-overhead", "--out-dir", str(tmp_path)])
     changes = compare.arm_changes(args)
-    assert list(changes) == ["NTP", "NITP", "NITP, small head", "NTP, small head's compute", "NTP, one more block"]
+    assert list(changes) == ["NTP", "NITP", "NITP, small head", "NTP, small head's compute", "NITP, shuffled target"]
+    assert changes["NITP, shuffled target"] == {"nitp": True, "nitp_shuffled_target": True}
+    control = compare.arms(args, 1337, changes)["NITP, shuffled target"]
+    assert train.nitp_config(control) == NITPConfig(shuffled=True)  # the full head, the target shuffled: no other change
+    pairs = {(arm, baseline): words for arm, baseline, words, _ in compare.COMPARISONS}
+    assert pairs[("NITP, small head", "NITP")] == "small head against the full head"
+    assert pairs[("NITP", "NITP, shuffled target")] == "the objective's content"
+    assert all({arm, baseline} <= set(changes) for arm, baseline in pairs if arm != "NITP" or baseline != "NTP, equal compute")
     width = changes["NITP, small head"]["nitp_head_width"]
     assert width == compare.paper_head_width(args) == 53                    # 3·128·53 weights, against 12·128²
     small = argparse.Namespace(**{**vars(args), **changes["NITP, small head"]})
@@ -158,11 +167,6 @@ def test_the_paper_overhead_runs_are_what_their_names_say(tmp_path):
     assert changes["NTP, small head's compute"] == {"nitp": False, "max_iters": round(1000 * (1 + overhead)),
                                                     "warmup_iters": round(100 * (1 + overhead)),
                                                     "eval_interval": round(100 * (1 + overhead))}
-    deeper = argparse.Namespace(**{**vars(args), "n_layer": 5})
-    block, head = (compare.flops(deeper, nitp=False) - compare.flops(args, nitp=False),
-                   compare.flops(args, nitp=True) - compare.flops(args, nitp=False))
-    assert head == 6 * 12 * 128 ** 2                                     # the block adds its two norms and attention:
-    assert block == head + 6 * 4 * 128 + 12 * 64 * 128                  # 1.5% of NITP's FLOPs on top
 
 
 def test_a_narrow_head_has_its_width_and_is_refused_for_other_heads():
@@ -282,3 +286,101 @@ def test_the_mean_direction_baseline_is_1_for_one_direction_and_near_0_for_rando
         _, target = head.pairs(out.hidden, out.block_outputs[head.layer])
     assert found["nitp_cos_mean_direction"] == pytest.approx(mean_direction_cos(target), abs=1e-6)
     assert -1 <= found["nitp_cos_mean_direction"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------------- the summary
+
+def fake_final(seed: int, rng: np.random.Generator, resampled: bool = True) -> dict:
+    """One seed's final records of NTP and NITP, made up: the metrics the summary reads, the probe scores and, with
+    `resampled`, their scores on 50 resamples of the text (each target's NITP a little above NTP's)."""
+    final = {}
+    for run, lift in (("NTP", 0.0), ("NITP", 0.01)):
+        record = {"seed": seed, "val_lm": 1.4 + rng.normal(0, 0.01) + lift / 2, "erank": 30 + rng.normal() + 100 * lift,
+                  "anisotropy": 0.3 + rng.normal(0, 0.01) - lift, "ms_per_iter": 10.0}
+        text = rng.normal(0, 0.01, size=50)
+        record["probe_resampled"] = {name: (0.5 + lift + text + rng.normal(0, 0.002, size=50)).tolist()
+                                     for name in probe.TARGETS}
+        for name in probe.TARGETS:
+            record[f"probe:{name}"] = float(np.mean(record["probe_resampled"][name]))
+        record["probe_mean"] = float(np.mean([record[f"probe:{name}"] for name in probe.TARGETS]))
+        if not resampled:
+            del record["probe_resampled"]
+        final[run] = record
+    return final
+
+
+def test_the_probe_interval_holds_the_texts_variance_and_the_targets_are_holm_corrected(capsys):
+    """The probe score's interval: t · sqrt(std²/n + the variance over text resamples of the seed-mean difference);
+    each target's p is Holm-corrected over the targets; without resamples (an older compare.json) the interval is
+    the seeds' alone."""
+    rng = np.random.default_rng(0)
+    finals = [fake_final(seed, rng) for seed in (1, 2, 3, 4)]
+    summary = compare.summarize(finals)
+    seed_mean = np.mean([compare.resampled_probe(f["NITP"], None) - compare.resampled_probe(f["NTP"], None)
+                         for f in finals], axis=0)
+    delta = [f["NITP"]["probe_mean"] - f["NTP"]["probe_mean"] for f in finals]
+    shared = np.var(seed_mean, ddof=1)
+    assert summary["probe_mean"]["shared_var"] == pytest.approx(shared) and shared > 0
+    assert summary["probe_mean"]["half_width"] == pytest.approx(
+        stats.t_critical(3) * np.sqrt(np.var(delta, ddof=1) / 4 + shared))
+    rows = summary["probes"]
+    assert [row["holm_p"] for row in rows.values()] == pytest.approx(stats.holm([row["t_test_p"] for row in rows.values()]))
+    assert all(row["shared_var"] > 0 for row in rows.values())
+    printed = capsys.readouterr().out
+    assert "probe targets, one by one (Holm's correction over the 11)" in printed and "the text's variance" in printed
+    older = compare.summarize([fake_final(seed, rng, resampled=False) for seed in (1, 2, 3)])
+    assert older["probe_mean"]["shared_var"] is None
+    assert older["probe_mean"]["half_width"] == pytest.approx(stats.t_critical(2) * older["probe_mean"]["std"] / 3 ** 0.5)
+
+
+def test_a_nan_metric_gives_no_verdict_in_words_and_compare_json_is_written(tmp_path, monkeypatch, capsys):
+    """A metric that comes out NaN for one run: the summary says which seed gave no verdict, the other metrics are
+    summarized, and compare.json is written; and compare.json holds the runs even when the summary itself fails."""
+    real_train = train.train
+
+    def nan_rank(run, **kw):
+        records = real_train(run, **kw)
+        if run.nitp is not None:
+            records[-1]["erank"] = float("nan")
+        return records
+
+    monkeypatch.setattr(train, "train", nan_rank)
+    common = TINY + ["--seeds", "1", "--max-iters", "2", "--eval-interval", "2"]
+    compare.main(common + ["--out-dir", str(tmp_path / "nan")])
+    result = json.loads((tmp_path / "nan" / "compare.json").read_text())
+    assert result["summary"]["erank"]["verdict"] == "no verdict: seed 1337's eff. rank (NITP − NTP) is nan"
+    assert result["summary"]["val_lm"]["refused"] is None
+    assert "eff. rank: –, NITP higher in 0 of 1 seeds: no verdict: seed 1337" in capsys.readouterr().out
+
+    def failing(finals):
+        raise RuntimeError("the summary failed")
+
+    monkeypatch.setattr(compare, "summaries", failing)
+    with pytest.raises(RuntimeError):
+        compare.main(common + ["--out-dir", str(tmp_path / "failed")])
+    assert json.loads((tmp_path / "failed" / "compare.json").read_text())["seeds"] == [1337]
+
+
+def test_pooling_reads_older_compare_json_without_the_new_keys(tmp_path):
+    """--pool over compare.json files with the probe resamples pools their text variance over all seeds; over a
+    mix with an older file that lacks them (and lacks "seed" in its records), it pools the seeds' intervals alone."""
+    rng = np.random.default_rng(1)
+    settings = vars(compare.parse_args([]))
+
+    def write(folder, seeds, resampled):
+        finals = [fake_final(seed, rng, resampled) for seed in seeds]
+        if not resampled:
+            finals = [{run: {k: v for k, v in record.items() if k != "seed"} for run, record in f.items()}
+                      for f in finals]
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "compare.json").write_text(json.dumps({"seeds": seeds, "finals": finals,
+                                                                    "args": settings}))
+        return finals
+
+    new = write("a", [1, 2], True) + write("b", [3], True)
+    write("old", [4, 5], False)
+    pooled = compare.pool([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "p1"))
+    assert pooled["summary"]["probe_mean"]["shared_var"] == pytest.approx(compare.text_variance(new, "NITP", "NTP"))
+    mixed = compare.pool([str(tmp_path / "a"), str(tmp_path / "old")], str(tmp_path / "p2"))
+    assert mixed["seeds"] == [1, 2, 4, 5] and mixed["summary"]["probe_mean"]["shared_var"] is None
+    assert mixed["summary"]["probe_mean"]["ci"] is not None
