@@ -74,6 +74,7 @@ def test_compare_with_seeds_writes_its_summary(device, tmp_path, capsys):
     assert made - {"compare.png"} == {"seed1337-ntp", "seed1337-nitp", "seed1338-ntp", "seed1338-nitp", "compare.json"}
 
 
+@pytest.mark.slow
 def test_pooling_two_invocations_equals_one_invocation_over_all_their_seeds(device, tmp_path, capsys):
     """compare.py --pool reads the compare.json of separate invocations and summarizes all their seeds as one
     invocation over the same seeds would."""
@@ -242,7 +243,8 @@ def test_the_ablation_table_runs_every_switch_beside_the_papers_numbers(device, 
     assert "vs_nitp" not in table["NITP"]["erank"]
     printed = capsys.readouterr().out
     assert "ablations: final evaluation, run − NTP" in printed and "18.23" in printed and "23.58" in printed
-    assert "ablations: final evaluation, ablation − NITP" in printed
+    assert "ablations: final evaluation, ablation − NITP" in printed and "survives Holm's correction" in printed
+    assert all(isinstance(row[key]["survives"], bool) for row in table.values() for key in ("val_lm", "erank"))
     args = json.loads((tmp_path / "seed1337-start-half-way" / "metrics.jsonl").read_text().splitlines()[1])
     assert args["step"] == 1 and "nitp" not in args  # NITP switched on at step 1 of 2, not before
     assert torch.load(tmp_path / "seed1338-no-head" / "ckpt.pt", weights_only=True)["args"]["nitp_head"] == "none"
@@ -384,3 +386,20 @@ def test_pooling_reads_older_compare_json_without_the_new_keys(tmp_path):
     mixed = compare.pool([str(tmp_path / "a"), str(tmp_path / "old")], str(tmp_path / "p2"))
     assert mixed["seeds"] == [1, 2, 4, 5] and mixed["summary"]["probe_mean"]["shared_var"] is None
     assert mixed["summary"]["probe_mean"]["ci"] is not None
+
+
+def test_the_ablation_tables_cells_are_holm_corrected_per_table():
+    """ablations.correct_cells: each table's cells (run − NTP; ablation − NITP) get Holm's correction over that
+    table's cells alone, and a cell survives when its corrected p is below 5%."""
+    def found(p):
+        return {"t_test_p": p, "vs_nitp": {"t_test_p": None if p is None else p / 2}}
+
+    table = {"NITP": {key: {"t_test_p": 0.001} for key, _, _ in ablations.COLUMNS},
+             "ablation": {"val_lm": found(0.02), "erank": found(0.5), "anisotropy": found(None)}}
+    ablations.correct_cells(table)
+    corrected = [table[name][key]["holm_p"] for name in table for key, _, _ in ablations.COLUMNS]
+    assert corrected[:5] == pytest.approx([0.005, 0.005, 0.005, 0.04, 0.5]) and corrected[5] is None  # 5 p-values
+    assert [table["ablation"][key]["survives"] for key in ("val_lm", "erank", "anisotropy")] == [True, False, False]
+    assert table["ablation"]["val_lm"]["vs_nitp"]["holm_p"] == pytest.approx(0.02)  # 2 p-values: 0.01 · 2
+    assert not table["ablation"]["erank"]["vs_nitp"]["survives"] and table["NITP"]["erank"]["survives"]
+    assert ablations.cell({**table["ablation"]["val_lm"], "mean": 0.1, "ci": [0.05, 0.15]}, "{:.2f}").endswith(" *")
