@@ -1,4 +1,4 @@
-"""Tests of the NTP vs NITP experiment (compare.py) and of the frozen-representation tasks (probe.py)."""
+"""Tests of the NTP vs NITP experiment (compare.py), its summary, its controls and the ablation table (ablations.py)."""
 import argparse
 import json
 
@@ -281,6 +281,8 @@ def test_the_mean_direction_baseline_is_1_for_one_direction_and_near_0_for_rando
     one_way = torch.rand(4, 10, 1, generator=g) * torch.randn(1, 1, 32, generator=g).abs()
     assert mean_direction_cos(one_way + 0.0) == pytest.approx(1.0, abs=1e-6)
     assert abs(mean_direction_cos(torch.randn(64, 64, 32, generator=g))) < 0.05
+    two_ways = torch.eye(32)[torch.arange(40) % 2].view(4, 10, 32)        # half along e0, half along e1
+    assert mean_direction_cos(two_ways) == pytest.approx(2 ** -0.5)       # each at 45° to their mean direction
     model, head = tiny_model(), tiny_nitp()
     found = diagnostics(model, head, tokens(), tokens(seed=1), torch.autocast("cpu", enabled=False))
     with torch.no_grad():
