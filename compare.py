@@ -10,13 +10,18 @@ NITP's step costs more than NTP's (its head: 6·12d² FLOPs per token, +22% on t
 "equal steps" is not "equal compute". --equal-compute adds a third run per seed: NTP trained for NITP's
 training FLOPs, i.e. max_iters × (1 + the analytic overhead) steps on the same batches, with its warm-up and
 evaluation interval stretched alike. Its wall-clock time is shown beside, since measured time need not follow
-the FLOP count. --paper-overhead adds NITP with a head at the paper's +2.3% of FLOPs, NTP at that run's compute
-and NTP with one more block. ablations.py uses the same machinery for the paper's ablations.
+the FLOP count. --paper-overhead adds NITP with a head at the paper's +2.3% of FLOPs, NTP at that run's compute,
+and a control: NITP's head and loss with the target of a random other position (nitp.py's shuffled target),
+whose difference to NITP is what the target's content does. ablations.py uses the same machinery for the paper's
+ablations.
 
 The summary gives each final NITP − baseline difference paired by seed: its mean with a 95% confidence interval,
 and the verdict that follows from the interval (stats.py: "as the paper says", "the opposite", "not settled by N
-seeds"; the validation loss against a margin set before the runs). The seed spread, the t test's and the sign
-test's p-values stand beside it, to describe; it also says how large a difference its number of seeds can settle.
+seeds"; the validation loss against a margin, +0.01). The probe score's interval holds the variance of the text
+it is scored on as well as the seeds' (probe.py's resamples), and the eleven probe targets are read one by one
+only through Holm's correction. The seed spread, the t test's and the sign test's p-values stand beside it, to
+describe; it also says how large a difference its number of seeds can settle. compare.json is written as soon as
+the runs are trained, before anything is summarized.
 
 Seeds from separate invocations pool: `python compare.py --pool OUT_DIR [OUT_DIR ...]` reads their compare.json
 files and gives one summary over all their seeds (pooled.json), if they trained the same setting.
@@ -82,20 +87,48 @@ def interval(paired: dict, pattern: str) -> str:
     return f"{fmt(paired['mean'], signed(pattern))} [{low}, {high}]"
 
 
-def plain_words(label: str, claim: str, paired: dict, pattern: str, arm: str = "NITP") -> str:
+def plain_words(label: str, claim: str, paired: dict, pattern: str, arm: str = "NITP",
+                agree: str = "as the paper says") -> str:
     """One line: "eff. rank: +1.32 [+1.17, +1.47], NITP higher in 3 of 3 seeds: as the paper says"."""
     counted = (f"{arm} higher in {paired['higher']} of {paired['n']} seeds" if claim == "higher"
                else f"{arm} lower in {paired['lower']} of {paired['n']} seeds")
-    words = stats.verdict(claim, paired)
-    needed = stats.seeds_to_settle(paired["mean"], paired["std"])
-    if words.startswith("not settled") and needed is not None and needed > paired["n"]:
-        words += f" (a difference of this size needs about {needed} seeds)"
+    words = stats.verdict(claim, paired, agree=agree)
+    if paired["shared_var"]:  # more seeds shrink the seeds' share of the interval, never the text's
+        words += f" (the interval holds the text's variance, ±{1.96 * paired['shared_var'] ** 0.5:.4f} of it alone)"
+    elif words.startswith("not settled"):
+        needed = stats.seeds_to_settle(paired["mean"], paired["std"], claim)
+        if needed is not None and needed > paired["n"]:
+            words += f" (a difference of this size needs about {needed} seeds, at 80% power)"
     return f"{label}: {interval(paired, pattern)}, {counted}: {words}"
 
 
-def summarize(finals: list[dict], arm: str = "NITP", baseline: str = "NTP", prefix: str = "") -> dict:
+def resampled_probe(record: dict, target: str | None) -> np.ndarray | None:
+    """A run's probe score on each resample of the scoring text (probe.py): one target's, or (None) the mean over
+    the targets probed. None for a record without them (a compare.json older than the resamples)."""
+    resampled = record.get("probe_resampled")
+    if resampled is None or (target is not None and resampled.get(target) is None):
+        return None
+    if target is not None:
+        return np.asarray(resampled[target], dtype=np.float64)
+    return np.mean([resampled[name] for name in probe.TARGETS if resampled.get(name) is not None], axis=0)
+
+
+def text_variance(finals: list[dict], arm: str, baseline: str, target: str | None = None) -> float | None:
+    """The variance, over the resamples of the scoring text, of the seed-mean probe difference arm − baseline (one
+    target's, or the mean's): the text's share of the interval. Every seed's models are scored on the same text,
+    so this error is common to all of them and does not average out over seeds. None where a run lacks them."""
+    runs = [(resampled_probe(f[arm], target), resampled_probe(f[baseline], target)) for f in finals]
+    if any(a is None or b is None or len(a) != len(b) for a, b in runs) or len({len(a) for a, _ in runs}) != 1:
+        return None
+    seed_mean = np.mean([a - b for a, b in runs], axis=0)  # (resamples,): the seed-mean difference, per resample
+    return float(np.var(seed_mean, ddof=1))
+
+
+def summarize(finals: list[dict], arm: str = "NITP", baseline: str = "NTP", prefix: str = "",
+              agree: str = "as the paper says") -> dict:
     """finals: per seed, {run name: its final eval record}. Prints and returns the summary of arm − baseline, paired
-    over seeds; prefix goes before each plain-words line ("at equal compute: ")."""
+    over seeds; prefix goes before each plain-words line ("at equal compute: "); agree: the words for the paper's
+    direction. NaN or identical differences give no verdict, in words (stats.paired), never an exception."""
     n = len(finals)
     seeds = [f[baseline].get("seed") for f in finals]
     print(f"\nsummary: final evaluation, {arm} − {baseline}, paired over {n} seed{'s' * (n > 1)}"
@@ -109,46 +142,63 @@ def summarize(finals: list[dict], arm: str = "NITP", baseline: str = "NTP", pref
         base, ours = ([f[run][key] for f in finals] for run in (baseline, arm))
         delta = [b - a for a, b in zip(base, ours)]
         (base_mean, base_std), (ours_mean, ours_std) = stats.mean_std(base), stats.mean_std(ours)
-        paired = stats.paired(delta)
+        paired = stats.paired(delta, shared_var=text_variance(finals, arm, baseline) if key == "probe_mean" else None,
+                              seeds=None if None in seeds else seeds, what=f"{label} ({arm} − {baseline})")
         # The seed spread describes how much the metric moves between seeds (the baseline runs' std) or the delta
         # does (its std over seeds), whichever is larger. It is not the verdict: the interval is.
-        spread = None if base_std is None else max(base_std, paired["std"])
+        spread = None if base_std is None or paired["std"] is None else max(base_std, paired["std"])
         print(f"  {label:12s} {plus_minus(base_mean, base_std, pattern):>18s} "
               f"{plus_minus(ours_mean, ours_std, pattern):>18s} {interval(paired, pattern):>34s} "
               f"{fmt(spread, pattern):>12s}  {fmt(paired['t_test_p'], '{:.3f}'):>8s}  "
               f"{fmt(paired['sign_test_p'], '{:.3f}'):>6s}")
         summary[key] = {"baseline": base, "arm": ours, "delta": delta, **paired, "spread": spread}
         if claim is not None:
-            summary[key]["verdict"] = stats.verdict(claim, paired)
-            lines.append(prefix + plain_words(label, claim, paired, pattern, arm))
+            summary[key]["verdict"] = stats.verdict(claim, paired, agree=agree)
+            lines.append(prefix + plain_words(label, claim, paired, pattern, arm, agree))
             if paired["half_width"] is not None:
                 widths.append(f"{label} ±{fmt(paired['half_width'], pattern)}")
-    targets = [name for name in probe.TARGETS if all(f[run].get(f"probe:{name}") is not None
-                                                      for f in finals for run in (arm, baseline))]
-    if targets:  # each probe target: the balanced accuracy of the final hidden state's probe
-        print(f"  frozen-state probes, balanced accuracy, {arm} − {baseline} [95% interval]:")
-        summary["probes"] = {}
-        for name in targets:
-            delta = [f[arm][f"probe:{name}"] - f[baseline][f"probe:{name}"] for f in finals]
-            paired = stats.paired(delta)
-            summary["probes"][name] = {"delta": delta, **paired, "verdict": stats.verdict("higher", paired)}
-            print(f"    {name:10s} {interval(paired, '{:.4f}'):>34s}  {summary['probes'][name]['verdict']}")
-        counts = [sum(p["verdict"] == words for p in summary["probes"].values())
-                  for words in ("as the paper says", "the opposite")]
-        lines.append(prefix + f"probe targets, one by one: {arm} higher on {counts[0]} of {len(targets)}, lower on "
-                     f"{counts[1]} (intervals that exclude 0), not settled on the rest")
+    probes = summarize_probe_targets(finals, arm, baseline, agree)
+    if probes:
+        summary["probes"], counted = probes
+        lines.append(prefix + counted)
     print(f"\nin plain words (the verdict follows from the 95% interval of the paired difference over seeds; the "
-          f"validation loss is 'not worse' when the interval lies below the margin +{stats.LOSS_MARGIN:g}, set "
-          f"before the runs):")
+          f"validation loss is 'not worse' when the interval lies below the margin +{stats.LOSS_MARGIN:g}; the "
+          f"probe score's interval holds the text's variance too):")
     for line in lines:
         print("  " + line)
     if widths:
-        settles = (f"what {n} seeds can settle: the interval excludes 0 only for a difference larger than its "
-                   f"half-width, here " + ", ".join(widths))
+        settles = (f"what {n} seeds can settle: a mean difference farther than the interval's half-width from the "
+                   f"claim's boundary (0; the margin +{stats.LOSS_MARGIN:g} for the val loss), here " + ", ".join(widths))
         print("  " + settles)
         summary["what the seeds can settle"] = settles
     summary["verdicts"] = lines
     return summary
+
+
+def summarize_probe_targets(finals: list[dict], arm: str, baseline: str, agree: str) -> tuple[dict, str] | None:
+    """Each probe target's arm − baseline (its interval with the text's variance, as the probe score's), with Holm's
+    correction over the targets: a target moves only when its corrected p is below 5%. Printed; returns the rows
+    and the plain-words line, or None without probe scores."""
+    targets = [name for name in probe.TARGETS if all(f[run].get(f"probe:{name}") is not None
+                                                      for f in finals for run in (arm, baseline))]
+    if not targets:
+        return None
+    rows = {}
+    for name in targets:
+        delta = [f[arm][f"probe:{name}"] - f[baseline][f"probe:{name}"] for f in finals]
+        rows[name] = {"delta": delta, **stats.paired(delta, shared_var=text_variance(finals, arm, baseline, name))}
+    for row, corrected in zip(rows.values(), stats.holm([row["t_test_p"] for row in rows.values()])):
+        row["holm_p"] = corrected
+        row["verdict"] = (row["refused"] or "no p-value" if corrected is None else
+                          f"not settled after Holm's correction over {len(targets)} targets" if corrected >= 0.05 else
+                          agree if row["mean"] > 0 else "the opposite")
+    print(f"  frozen-state probes, balanced accuracy, {arm} − {baseline} [95% interval], p, Holm-corrected p:")
+    for name, row in rows.items():
+        print(f"    {name:10s} {interval(row, '{:.4f}'):>34s}  {fmt(row['t_test_p'], '{:.3f}'):>6s}  "
+              f"{fmt(row['holm_p'], '{:.3f}'):>6s}  {row['verdict']}")
+    higher, lower = (sum(row["verdict"] == words for row in rows.values()) for words in (agree, "the opposite"))
+    return rows, (f"probe targets, one by one (Holm's correction over the {len(targets)}): {arm} higher on {higher}, "
+                  f"lower on {lower}, not settled on the rest")
 
 
 def seed_list(seeds: list[int]) -> str:
@@ -272,7 +322,7 @@ def stretched(args: argparse.Namespace, factor: float) -> dict:
 def arm_changes(args: argparse.Namespace) -> dict[str, dict]:
     """The runs of one seed, by name, as changes to train.py's flags: NTP and NITP; with --equal-compute, NTP for
     NITP's FLOPs; with --paper-overhead, NITP with a head of the paper's relative cost, NTP for that run's FLOPs,
-    and NTP with one more block (a block holds 12d² weights, as the full head does: equal FLOPs and equal data)."""
+    and NITP (the full head) with a shuffled target: the form of NITP without its content."""
     changes = {"NTP": {"nitp": False}, "NITP": {"nitp": True}}
     if args.equal_compute:
         changes["NTP, equal compute"] = {"nitp": False, **stretched(args, 1 + nitp_overhead(args))}
@@ -281,7 +331,7 @@ def arm_changes(args: argparse.Namespace) -> dict[str, dict]:
         small_overhead = flops(argparse.Namespace(**{**vars(args), **small}), nitp=True) / flops(args, nitp=False) - 1
         changes["NITP, small head"] = small
         changes["NTP, small head's compute"] = {"nitp": False, **stretched(args, 1 + small_overhead)}
-        changes["NTP, one more block"] = {"nitp": False, "n_layer": args.n_layer + 1}
+        changes["NITP, shuffled target"] = {"nitp": True, "nitp_shuffled_target": True}
     return changes
 
 
@@ -336,6 +386,7 @@ def train_seeds(args: argparse.Namespace, changes: dict[str, dict], probe_them: 
 def flat(scores: dict) -> dict:
     """A model's probe scores (Probes.of_model) as keys of its final record: probe:<target> for each target."""
     return {"probe_mean": scores["probe_mean"], **{f"probe:{name}": v for name, v in scores["probe"].items()},
+            "probe_resampled": scores["probe_resampled"],
             **({"probe_by_layer": scores["probe_by_layer"]} if "probe_by_layer" in scores else {})}
 
 
@@ -352,27 +403,32 @@ def account(args: argparse.Namespace, finals: list[dict], started: float, **seco
     return seconds
 
 
-def save(args: argparse.Namespace, finals: list[dict], **results) -> None:
+def save(args: argparse.Namespace, finals: list[dict], quiet: bool = False, **results) -> None:
     """OUT_DIR/compare.json: every run's final evaluation, the summaries, the settings; what --pool reads."""
     path = Path(args.out_dir) / "compare.json"
     seeds = [final["NTP"]["seed"] for final in finals]
     path.write_text(json.dumps({"seeds": seeds, **results, "finals": finals, "args": vars(args)}, indent=1))
-    print(f"summary: {path}")
+    if not quiet:
+        print(f"summary: {path}")
 
 
-# The comparisons a summary makes, where both runs are there: (arm, baseline, what the difference measures).
-COMPARISONS = [("NITP", "NTP", "at equal steps"), ("NITP", "NTP, equal compute", "at equal compute"),
-               ("NITP, small head", "NTP", "small head, at equal steps"),
-               ("NITP, small head", "NTP, small head's compute", "small head, at equal compute"),
-               ("NITP", "NTP, one more block", "full head against one more block")]
+# The comparisons a summary makes, where both runs are there: (arm, baseline, what the difference measures, and
+# the words for the direction the paper claims for NITP over NTP: the paper makes the first four comparisons;
+# the last two it does not, and their verdicts name the direction instead).
+COMPARISONS = [("NITP", "NTP", "at equal steps", "as the paper says"),
+               ("NITP", "NTP, equal compute", "at equal compute", "as the paper says"),
+               ("NITP, small head", "NTP", "small head, at equal steps", "as the paper says"),
+               ("NITP, small head", "NTP, small head's compute", "small head, at equal compute", "as the paper says"),
+               ("NITP, small head", "NITP", "small head against the full head", "in NITP's direction over NTP"),
+               ("NITP", "NITP, shuffled target", "the objective's content", "in NITP's direction over NTP")]
 
 
 def summaries(finals: list[dict]) -> dict[str, dict]:
     """Every comparison of COMPARISONS whose two runs every seed has, summarized (and printed)."""
     present = set.intersection(*(set(final) for final in finals))
-    wanted = [(arm, baseline, words) for arm, baseline, words in COMPARISONS if {arm, baseline} <= present]
-    return {words: summarize(finals, arm, baseline, prefix=f"{words}: " if len(wanted) > 1 else "")
-            for arm, baseline, words in wanted}
+    wanted = [comparison for comparison in COMPARISONS if set(comparison[:2]) <= present]
+    return {words: summarize(finals, arm, baseline, prefix=f"{words}: " if len(wanted) > 1 else "", agree=agree)
+            for arm, baseline, words, agree in wanted}
 
 
 def compare(args: argparse.Namespace, on_eval=None) -> None:
@@ -380,6 +436,7 @@ def compare(args: argparse.Namespace, on_eval=None) -> None:
     started = time.perf_counter()
     changes = arm_changes(args)
     finals, baselines, probe_s = train_seeds(args, changes, probe_them=True, on_eval=on_eval)
+    save(args, finals, quiet=True, probe_baselines=baselines)  # the runs' results first: whatever the summary meets, they stay
     summary = summaries(finals)
     costs = {"NTP": 1.0, "NITP": 1 + nitp_overhead(args)}
     if args.equal_compute:
@@ -474,7 +531,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
                            help="also train NTP for NITP's training FLOPs (more steps, the schedule stretched)")
         group.add_argument("--paper-overhead", action="store_true",
                            help="also train NITP with its head at the paper's +2.3%% of FLOPs, NTP for that run's "
-                                "FLOPs, and NTP with one more block")
+                                "FLOPs, and NITP with a shuffled target (the control: NITP's form, no content)")
         group.add_argument("--probe-depth", action="store_true",
                            help="probe every block's output too, not only the final hidden state (the depth "
                                 "picture; a few seconds more per model)")

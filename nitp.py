@@ -48,6 +48,9 @@ class NITPConfig:
     head_width: int | None = None  # the SwiGLU head's hidden width; None = 4d, the paper's
     loss: str = "cosine"      # or "mse" / "smooth_l1" between the raw vectors
     start: int = 0            # the training step at which L_NITP switches on
+    # A control, not part of the method: NITP's head and loss with no predictive content. Each step the targets
+    # trade places at random over (batch, position), so the head can at best learn their mean direction.
+    shuffled: bool = False
 
     def __post_init__(self):
         if not self.lam >= 0:  # also rejects NaN
@@ -119,6 +122,9 @@ class NITP(nn.Module):
         target = z[:, s:].float()               # (B, T-s, d)  z_{t+s}: the last h has no z_{t+1}
         if self.config.stopgrad:
             target = target.detach()            # sg(z): z is a target, never pulled towards P(h)
+        if self.config.shuffled:                # the control: each P(h_t) gets the target of a random (b, t')
+            order = torch.randperm(target.size(0) * target.size(1), device=target.device)
+            target = target.flatten(0, 1)[order].view_as(target)
         return pred, target
 
     def distances(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -172,6 +178,8 @@ def diagnostics(model: nn.Module, nitp: NITP, x: torch.Tensor, y: torch.Tensor, 
                 loss_scale: float = 1.0) -> dict:
     """Is NITP alive, or inert, or collapsing? Measured on one batch (the evaluation's first), outside training:
       nitp_cos                  mean cos(P(h_t), z_{t+1}): near 0 if the head predicts nothing
+      nitp_cos_mean_direction   the mean cosine that predicting one direction, the batch's mean target direction,
+                                would reach: nitp_cos above it is more than the average of the targets
       pred_norm, target_norm    mean L2 norms of P(h_t) and of z_{t+1}: a collapse shows as a norm going to 0
       grad_lm, grad_nitp        norms of the backbone's gradients of L_NTP and of λ·L_NITP
       grad_nitp_share           grad_nitp / (grad_lm + grad_nitp): NITP's share of what moves the backbone
@@ -191,6 +199,7 @@ def diagnostics(model: nn.Module, nitp: NITP, x: torch.Tensor, y: torch.Tensor, 
     model.train(was_training)
     norm_lm, norm_nitp = g_lm.norm().item(), g_nitp.norm().item()
     return {"nitp_cos": F.cosine_similarity(pred, target, dim=-1).mean().item(),
+            "nitp_cos_mean_direction": mean_direction_cos(target),
             "pred_norm": pred.norm(dim=-1).mean().item(), "target_norm": target.norm(dim=-1).mean().item(),
             "grad_lm": norm_lm, "grad_nitp": norm_nitp,
             "grad_nitp_share": norm_nitp / (norm_lm + norm_nitp) if norm_lm + norm_nitp > 0 else 0.0,
@@ -211,6 +220,13 @@ def backbone_gradient(loss: torch.Tensor, params: list[nn.Parameter], scale: flo
         if scale < 2 or torch.isfinite(flat).all():
             return flat / scale
         scale /= 2
+
+
+def mean_direction_cos(target: torch.Tensor) -> float:
+    """(B, T, d) targets -> the mean cosine between each target and their mean direction (the normalized mean of
+    the unit targets): 1 if all point one way, near 0 for directions spread evenly."""
+    units = F.normalize(target.detach().float().flatten(0, 1), dim=-1)  # (B·T, d)
+    return (units @ F.normalize(units.mean(dim=0), dim=0)).mean().item()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -23,6 +23,13 @@ validation split are cut in two: the probe is fitted on the states of the first 
 by balanced accuracy, the mean over classes of the share of that class's positions predicted right: chance is
 1/K for K classes, whatever their frequencies. Classes too rare to fit or to score are left out.
 
+A score measured on one sample of text has that sample's error, which more seeds do not shrink: every model is
+scored on the same windows. So each score comes with RESAMPLES replicates: the balanced accuracy recomputed on
+resamples of the scoring windows, drawn with replacement (the bootstrap, window by window since neighbouring
+positions are alike). The resamples are seeded and depend only on the number of scoring windows, so they are the
+same for every model, seed and invocation: two models' replicates pair, and compare.py takes the variance of the
+seed-mean difference over them as the text's share of the interval (stats.paired's shared_var).
+
 Each model is probed at its final hidden state (after ln_f: what the LM head reads, and what NITP trains) and at
 every block's output ([0] the embeddings), for the depth picture. Three baselines say what the states add:
   - the input embeddings alone (block output 0): the byte at t and its position, no context;
@@ -42,6 +49,7 @@ TARGETS = ("quote", "brackets", "indent", "column", "byte t-1", "byte t-2", "byt
 MIN_FIT, MIN_SCORE = 20, 5  # a class is probed when the fitting half has this many of it, and the scoring half this many
 RIDGE = 1e-3                # the ridge penalty, per class (each class weighs 1 in the fit)
 RECENT = 8                  # the "recent embeddings" baseline averages this many
+RESAMPLES, RESAMPLE_SEED = 1000, 0  # resamples of the scoring windows, the same for every model and seed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,10 +106,12 @@ def design(fit: torch.Tensor, score: torch.Tensor) -> tuple[torch.Tensor, torch.
     return tuple(torch.cat([(x.float() - mean) / std, torch.ones(len(x), 1)], dim=1) for x in (fit, score))
 
 
-def probe(fit_a: torch.Tensor, fit_y: np.ndarray, score_a: torch.Tensor, score_y: np.ndarray) -> float | None:
-    """A linear probe fitted on (fit_a, fit_y), design()'s inputs and their labels, and scored on (score_a,
-    score_y): the balanced accuracy. Labels -1 and the classes too rare in either half are left out; None if
-    fewer than two are kept."""
+def fit_and_predict(fit_a: torch.Tensor, fit_y: np.ndarray, score_a: torch.Tensor,
+                    score_y: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, np.ndarray] | None:
+    """A linear probe fitted on (fit_a, fit_y), design()'s inputs and their labels, and applied to score_a. Labels
+    -1 and the classes too rare in either half are left out; None if fewer than two are kept. Returns, on the
+    scoring positions it keeps, the predicted class and the true one (0..K-1 each), K, and which positions of
+    score_y it kept (a bool mask)."""
     classes = kept_classes(fit_y, score_y)
     if len(classes) < 2:
         return None
@@ -115,7 +125,32 @@ def probe(fit_a: torch.Tensor, fit_y: np.ndarray, score_a: torch.Tensor, score_y
     gram = (a.T @ weighted).double() + RIDGE * len(classes) * torch.eye(a.size(1), dtype=torch.float64)
     coefficients = torch.linalg.solve(gram, (weighted.T @ targets).double()).float()    # (d + 1, K)
     predicted = (score_a[torch.from_numpy(score_keep)] @ coefficients).argmax(dim=1).numpy()
-    return balanced_accuracy(predicted, index[score_y[score_keep]], len(classes))
+    return predicted, index[score_y[score_keep]], len(classes), score_keep
+
+
+def probe(fit_a: torch.Tensor, fit_y: np.ndarray, score_a: torch.Tensor, score_y: np.ndarray) -> float | None:
+    """The balanced accuracy of fit_and_predict()'s probe on the scoring positions; None if it has no probe."""
+    result = fit_and_predict(fit_a, fit_y, score_a, score_y)
+    return None if result is None else balanced_accuracy(*result[:3])
+
+
+def resample_counts(n_windows: int, resamples: int = RESAMPLES, seed: int = RESAMPLE_SEED) -> np.ndarray:
+    """(resamples, n_windows): how often each scoring window is drawn in each bootstrap resample of the windows.
+    Seeded, and a function of n_windows alone: the same resamples for every model, seed and invocation."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_windows, np.full(n_windows, 1 / n_windows), size=resamples)
+
+
+def resampled_scores(predicted: np.ndarray, truth: np.ndarray, n_classes: int, window: np.ndarray,
+                     counts: np.ndarray) -> np.ndarray:
+    """(resamples,): the balanced accuracy on each resample of the scoring windows. predicted, truth, window: one
+    entry per scoring position (window: the index of its window); counts: resample_counts()'s matrix."""
+    right, total = (np.zeros((counts.shape[1], n_classes)) for _ in range(2))  # (windows, K) each
+    np.add.at(total, (window, truth), 1)
+    np.add.at(right, (window, truth), predicted == truth)
+    right, total = counts @ right, counts @ total                              # (resamples, K) each
+    with np.errstate(invalid="ignore", divide="ignore"):  # a class that a resample does not draw: left out there
+        return np.nanmean(right / total, axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,20 +186,40 @@ class Probes:
         self.windows = torch.from_numpy(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64))
         self.fit = torch.arange(len(starts)) < len(starts) // 2   # the first half fits, the second scores
         self.labels = labels(tokens, starts, length)
+        self.resamples = resample_counts(int((~self.fit).sum()))  # (RESAMPLES, scoring windows)
+
+    def predictions(self, layer: torch.Tensor) -> dict[str, tuple | None]:
+        """fit_and_predict() of each target's probe on these states (W, T, d)."""
+        fit, score = design(layer[self.fit].flatten(0, 1), layer[~self.fit].flatten(0, 1))  # (positions, d + 1)
+        return {name: fit_and_predict(fit, y[self.fit.numpy()].ravel(), score, y[~self.fit.numpy()].ravel())
+                for name, y in self.labels.items()}
 
     def score(self, layer: torch.Tensor) -> dict[str, float | None]:
         """The balanced accuracy of each target's probe on these states (W, T, d)."""
-        fit, score = design(layer[self.fit].flatten(0, 1), layer[~self.fit].flatten(0, 1))  # (positions, d + 1)
-        return {name: probe(fit, y[self.fit.numpy()].ravel(), score, y[~self.fit.numpy()].ravel())
-                for name, y in self.labels.items()}
+        return {name: None if p is None else balanced_accuracy(*p[:3]) for name, p in self.predictions(layer).items()}
+
+    def score_with_resamples(self, layer: torch.Tensor) -> tuple[dict[str, float | None], dict[str, list | None]]:
+        """score(), and each target's balanced accuracy on every resample of the scoring windows."""
+        scores, resampled = {}, {}
+        window_of = np.repeat(np.arange(self.resamples.shape[1]), self.windows.size(1))  # scoring position -> window
+        for name, p in self.predictions(layer).items():
+            if p is None:
+                scores[name] = resampled[name] = None
+                continue
+            predicted, truth, n_classes, kept = p
+            scores[name] = balanced_accuracy(predicted, truth, n_classes)
+            resampled[name] = np.round(resampled_scores(predicted, truth, n_classes, window_of[kept],
+                                                        self.resamples), 6).tolist()
+        return scores, resampled
 
     def of_model(self, model: GPT, depth: bool = True) -> dict:
-        """The final hidden state's scores ("probe") and their mean over the targets ("probe_mean"); with depth,
-        also every block output's scores ("probe_by_layer": per target, the embeddings first, the final state
-        last), at about five times the cost."""
+        """The final hidden state's scores ("probe"), their mean over the targets ("probe_mean") and each target's
+        scores on the resamples of the text ("probe_resampled"); with depth, also every block output's scores
+        ("probe_by_layer": per target, the embeddings first, the final state last), at about five times the cost."""
         layers = states(model, self.windows)
-        by_layer = [self.score(layer) for layer in (layers if depth else layers[-1:])]
-        scores = {"probe_mean": mean_score(by_layer[-1]), "probe": by_layer[-1]}
+        final, resampled = self.score_with_resamples(layers[-1])
+        by_layer = [self.score(layer) for layer in layers[:-1]] + [final] if depth else [final]
+        scores = {"probe_mean": mean_score(final), "probe": final, "probe_resampled": resampled}
         if depth:
             scores["probe_by_layer"] = {name: [layer[name] for layer in by_layer] for name in TARGETS}
         return scores

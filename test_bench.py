@@ -13,7 +13,8 @@ SHAPE = TINY[:TINY.index("--eval-iters")]  # the model and batch of TINY: bench.
 
 # A value other than the default for each train.py flag that bench.py uses
 USED = {"nitp": [], "nitp_lambda": ["0.5"], "nitp_layer": ["0"], "nitp_shift": ["0"], "nitp_no_stopgrad": [],
-        "nitp_head": ["linear"], "nitp_head_width": ["7"], "nitp_loss": ["mse"], "nitp_start": ["3"], "data": ["shakespeare"],
+        "nitp_head": ["linear"], "nitp_head_width": ["7"], "nitp_loss": ["mse"], "nitp_start": ["3"], "nitp_shuffled_target": [],
+        "data": ["shakespeare"],
         "tokenizer": ["gpt2"], "n_layer": ["3"], "n_head": ["1"], "n_embd": ["48"], "block_size": ["8"],
         "n_shared": ["1"], "n_dense_layers": ["2"], "aux_loss_coef": ["0.5"], "z_loss_coef": ["0.5"],
         "batch_size": ["3"], "grad_accum": ["2"], "learning_rate": ["0.5"], "weight_decay": ["0.5"],

@@ -1,4 +1,4 @@
-"""Tests of the NTP vs NITP experiment (compare.py) and of the frozen-representation tasks (probe.py)."""
+"""Tests of the NTP vs NITP experiment (compare.py), its summary, its controls and the ablation table (ablations.py)."""
 import argparse
 import json
 
@@ -12,9 +12,9 @@ import machinery
 import probe
 import stats
 import train
-from conftest import TINY, exact, read_metrics, same, tiny_nitp
+from conftest import TINY, exact, read_metrics, same, tiny_model, tiny_nitp, tokens
 from model import GPT, GPTConfig, flops_per_token
-from nitp import NITP, NITPConfig
+from nitp import NITP, NITPConfig, diagnostics, mean_direction_cos
 
 # ---------------------------------------------------------------------------------------------------- compare.py
 
@@ -65,7 +65,7 @@ def test_compare_with_seeds_writes_its_summary(device, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "summary" in printed and "(1337-1338)" in printed and "time:" in printed
     assert f"eff. rank: {compare.interval(erank, '{:.2f}')}, NITP higher in" in printed
-    assert "what 2 seeds can settle: the interval excludes 0 only for a difference larger than" in printed
+    assert "what 2 seeds can settle: a mean difference farther than the interval's half-width from" in printed
     assert set(result["seconds"]) >= {"training steps", "evaluations", "probes"}
     assert set(result["summary"]["probes"]) == set(probe.TARGETS) and "probe_mean" in result["summary"]
     assert all(0 <= final[run]["probe:byte t+2"] <= 1 for final in result["finals"] for run in ("NTP", "NITP"))
@@ -73,58 +73,6 @@ def test_compare_with_seeds_writes_its_summary(device, tmp_path, capsys):
     # Only the comparison's own runs: no third, stray training run in OUT_DIR itself.
     made = {p.name for p in tmp_path.iterdir()}
     assert made - {"compare.png"} == {"seed1337-ntp", "seed1337-nitp", "seed1338-ntp", "seed1338-nitp", "compare.json"}
-
-
-def test_the_verdict_follows_from_the_interval():
-    """The paper's direction excluded from 0: as the paper says; the other way: the opposite; 0 inside: not settled.
-    The loss is 'not worse' only when the whole interval lies below the margin, and a harm is said even then."""
-    def say(claim, low, high, n=5):
-        return stats.verdict(claim, {"n": n, "ci": [low, high]}, margin=0.01)
-
-    assert say("higher", 0.2, 1.0) == say("lower", -1.0, -0.2) == "as the paper says"
-    assert say("higher", -1.0, -0.2) == say("lower", 0.2, 1.0) == "the opposite"
-    assert say("higher", -0.1, 1.0, n=3) == say("lower", -1.0, 0.1, n=3) == "not settled by 3 seeds"
-    assert say("not worse", -0.004, 0.008) == "not worse by more than the margin (+0.01): as the paper says"
-    assert say("not worse", 0.002, 0.009).endswith("the interval excludes 0: NITP is worse, by less than the margin")
-    assert say("not worse", -0.02, -0.001).endswith("and better: the interval lies below 0")
-    assert say("not worse", -0.004, 0.012) == "not settled by 5 seeds: the interval reaches past the margin (+0.01)"
-    assert say("not worse", 0.001, 0.012).endswith("; it excludes 0: NITP is worse")
-    assert say("not worse", 0.011, 0.03) == "worse by more than the margin (+0.01): the opposite"
-    assert stats.verdict("higher", stats.paired([1.0])) == "one seed: no interval, no verdict"
-
-
-def test_the_19_earlier_seeds_give_the_interval_the_issue_computed():
-    """The validation-loss differences NITP − NTP of the 19 fresh classroom seeds that RESULTS.md printed before
-    the verdict became a test (1337-1339, 2000-2009, 4000-4002, 6000-6002), paired: mean +0.0060, 95% interval
-    [+0.0006, +0.0114] (scipy.stats.t.interval gives the same), t test p 0.031, worse in 13 of 19."""
-    deltas = [0.0129, -0.0082, 0.0034, 0.0062, -0.0010, 0.0203, -0.0082, 0.0173, -0.0176, 0.0175, 0.0050, 0.0200,
-              0.0067, -0.0069, 0.0075, -0.0048, 0.0157, 0.0150, 0.0132]
-    paired = stats.paired(deltas)
-    assert paired["mean"] == pytest.approx(0.0060, abs=1e-12)
-    assert paired["ci"] == pytest.approx([0.00062588, 0.01137412], abs=1e-8)
-    assert paired["t_test_p"] == pytest.approx(0.030654, abs=1e-6) and (paired["higher"], paired["lower"]) == (13, 6)
-    assert stats.verdict("not worse", paired).startswith("not settled by 19 seeds")
-
-
-def test_student_t_matches_the_textbook_table():
-    """The 97.5% quantiles of Student's t that the 95% interval uses, from the printed tables (and scipy's, where
-    scipy is installed)."""
-    table = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 9: 2.2622, 18: 2.1009, 30: 2.0423, 42: 2.0181, 100: 1.9840}
-    for df, t in table.items():
-        assert stats.t_critical(df) == pytest.approx(t, abs=1e-4), df
-    try:
-        from scipy.stats import t as student
-    except ImportError:
-        return
-    for df in (1, 2, 3, 7, 18, 41, 64, 200):
-        assert stats.t_critical(df) == pytest.approx(student.ppf(0.975, df), rel=1e-9), df
-        assert stats.t_two_sided_p(1.7, df) == pytest.approx(2 * student.sf(1.7, df), rel=1e-9), df
-
-
-def test_seeds_to_settle_is_the_usual_sample_size():
-    """n ≈ ((1.96 + 0.84) · std / mean)²: a difference of half its std needs 32 seeds for 80% power."""
-    assert stats.seeds_to_settle(0.5, 1.0) == 32 and stats.seeds_to_settle(0.006, 0.0112) == 28
-    assert stats.seeds_to_settle(1.0, None) is None and stats.seeds_to_settle(10.0, 1.0) == 2
 
 
 @pytest.mark.slow
@@ -201,10 +149,19 @@ def test_compare_refuses_bad_input_with_one_line_and_writes_nothing(argv, expect
 
 def test_the_paper_overhead_runs_are_what_their_names_say(tmp_path):
     """--paper-overhead: NITP with its SwiGLU head narrowed to the paper's +2.3% of FLOPs, NTP stretched to that
-    run's FLOPs, and NTP with one more block, whose 12d² weights are the full head's."""
+    run's FLOPs, and the control: NITP (the full head) with a shuffled target. Each comparison the summary makes
+    is a pair of these runs: small head − NTP at equal steps and at its compute, small head − full head, and NITP −
+    the shuffled-target control (the objective's content)."""
     args = compare.parse_args(["--paper-overhead", "--out-dir", str(tmp_path)])
     changes = compare.arm_changes(args)
-    assert list(changes) == ["NTP", "NITP", "NITP, small head", "NTP, small head's compute", "NTP, one more block"]
+    assert list(changes) == ["NTP", "NITP", "NITP, small head", "NTP, small head's compute", "NITP, shuffled target"]
+    assert changes["NITP, shuffled target"] == {"nitp": True, "nitp_shuffled_target": True}
+    control = compare.arms(args, 1337, changes)["NITP, shuffled target"]
+    assert train.nitp_config(control) == NITPConfig(shuffled=True)  # the full head, the target shuffled: no other change
+    pairs = {(arm, baseline): words for arm, baseline, words, _ in compare.COMPARISONS}
+    assert pairs[("NITP, small head", "NITP")] == "small head against the full head"
+    assert pairs[("NITP", "NITP, shuffled target")] == "the objective's content"
+    assert all({arm, baseline} <= set(changes) for arm, baseline in pairs if arm != "NITP" or baseline != "NTP, equal compute")
     width = changes["NITP, small head"]["nitp_head_width"]
     assert width == compare.paper_head_width(args) == 53                    # 3·128·53 weights, against 12·128²
     small = argparse.Namespace(**{**vars(args), **changes["NITP, small head"]})
@@ -213,11 +170,6 @@ def test_the_paper_overhead_runs_are_what_their_names_say(tmp_path):
     assert changes["NTP, small head's compute"] == {"nitp": False, "max_iters": round(1000 * (1 + overhead)),
                                                     "warmup_iters": round(100 * (1 + overhead)),
                                                     "eval_interval": round(100 * (1 + overhead))}
-    deeper = argparse.Namespace(**{**vars(args), "n_layer": 5})
-    block, head = (compare.flops(deeper, nitp=False) - compare.flops(args, nitp=False),
-                   compare.flops(args, nitp=True) - compare.flops(args, nitp=False))
-    assert head == 6 * 12 * 128 ** 2                                     # the block adds its two norms and attention:
-    assert block == head + 6 * 4 * 128 + 12 * 64 * 128                  # 1.5% of NITP's FLOPs on top
 
 
 def test_a_narrow_head_has_its_width_and_is_refused_for_other_heads():
@@ -230,92 +182,6 @@ def test_a_narrow_head_has_its_width_and_is_refused_for_other_heads():
         NITPConfig(head="linear", head_width=5)
 
 
-# ---------------------------------------------------------------------------------------------------- probe.py
-
-def test_the_labels_are_what_the_text_says():
-    """Each label at each position of a hand-made window, -1 where the window cannot tell."""
-    text = b'ab\n  x"y(z\n'  # the window: a, b, newline, then a line indented by 2 with a quote and a bracket
-    window = np.frombuffer(text + b"tail", dtype=np.uint8)
-    out = probe.labels(window, [0], len(text))
-    assert out["quote"][0].tolist() == [-1, -1, -1, 0, 0, 0, 1, 1, 1, 1, 1]          # from the opening " on
-    assert out["brackets"][0].tolist() == [-1, -1, -1, 0, 0, 0, 0, 0, 1, 1, 1]
-    assert out["column"][0].tolist() == [-1, -1, -1] + [0] * 8                          # columns 0..7: bin 0
-    assert out["indent"][0].tolist() == [-1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1]          # 2 spaces, once ended
-    assert out["byte t-2"][0].tolist() == [-1, -1] + list(text[:-2])
-    assert out["byte t+3"][0].tolist() == list((text + b"tail")[3:3 + len(text)])
-    assert out["byte t+1"][0, -1] == ord("t")                                           # beyond the window: known
-
-
-def test_a_probe_reads_a_planted_label_and_not_noise():
-    """States that encode the label (a rotated one-hot, a little noise) score near 1; noise scores near chance,
-    1/K in balanced accuracy, however unbalanced the classes."""
-    g = torch.Generator().manual_seed(0)
-    labels = np.concatenate([np.zeros(3000, dtype=np.int64), np.arange(2000) % 4 + 1])   # class 0 is 60%
-    rotation = torch.linalg.qr(torch.randn(32, 32, generator=g))[0]
-    planted = (torch.nn.functional.one_hot(torch.from_numpy(labels), 32).float()
-               + 0.1 * torch.randn(5000, 32, generator=g)) @ rotation
-    noise = torch.randn(5000, 32, generator=g)
-    half = np.random.default_rng(0).permutation(5000) < 2500        # the fitting half, at random
-    for states, low, high in ((planted, 0.98, 1.0), (noise, 0.12, 0.28)):
-        fit, score = probe.design(states[torch.from_numpy(half)], states[torch.from_numpy(~half)])
-        assert low <= probe.probe(fit, labels[half], score, labels[~half]) <= high
-    fit, score = probe.design(planted[torch.from_numpy(half)], planted[torch.from_numpy(~half)])
-    only_one = np.where(labels[half] == 0, 0, -1)                     # one class left to fit: nothing to probe
-    assert probe.probe(fit, only_one, score, labels[~half]) is None
-
-
-def test_balanced_accuracy_weighs_every_class_alike():
-    truth = np.array([0, 0, 0, 0, 1, 2])
-    assert probe.balanced_accuracy(np.zeros(6, dtype=np.int64), truth, 3) == pytest.approx(1 / 3)
-    assert probe.balanced_accuracy(truth, truth, 3) == 1.0
-
-
-def test_the_recent_mean_is_causal_and_counts_what_the_window_holds():
-    embeddings = torch.arange(10, dtype=torch.float32).view(1, 10, 1)
-    means = probe.recent_mean(embeddings, n=3)[0, :, 0].tolist()
-    assert means == [0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
-
-
-def test_probe_py_scores_a_checkpoint_with_baselines(device, tmp_path, capsys):
-    """`probe.py --out-dir` reads the checkpoint there, trains nothing, and reports the model at every depth, the
-    three baselines and chance."""
-    out = tmp_path / "run"
-    train.main(TINY + ["--max-iters", "2", "--device", device, "--out-dir", str(out)])
-    before = (out / "metrics.jsonl").read_text()
-    probe.main(["--device", device, "--out-dir", str(out)])
-    rows = json.loads((out / "probe.json").read_text())
-    assert set(rows) == {"this model", "input embeddings alone", "mean of the last 8 input embeddings",
-                         "untrained network, same shape", "chance"}
-    assert set(rows["this model"]["probe"]) == set(probe.TARGETS)
-    assert all(len(v) == 2 + 2 for v in rows["this model"]["probe_by_layer"].values())  # embeddings, 2 blocks, ln_f
-    assert all(v is None or 0 <= v <= 1 for row in rows.values() for v in row.get("probe", row).values())
-    assert (out / "metrics.jsonl").read_text() == before
-    assert "frozen-state probes, balanced accuracy" in capsys.readouterr().out
-
-
-def test_probe_py_refuses_a_folder_without_a_checkpoint(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        probe.main(["--out-dir", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "no checkpoint" in err and len(err.strip().splitlines()) == 1
-    assert "resume" not in err  # probe.py resumes nothing: the line names what it does need
-
-
-def test_probing_leaves_the_random_state_and_the_model_mode_as_they_were(device):
-    """The probes and the untrained baseline seed themselves, but the caller's random state and the model's
-    training mode come back unchanged: probing between two runs changes neither run."""
-    model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)).to(device).train()
-    tokens = np.frombuffer(b"some text,\n  with (lines) and \"quotes\"\n" * 40, dtype=np.uint8)
-    probes = probe.Probes(tokens, 16)
-    torch.manual_seed(123)
-    expected = torch.rand(3)
-    torch.manual_seed(123)
-    probes.of_model(model)
-    probes.baselines(model, seed=0)
-    assert torch.equal(torch.rand(3), expected) and model.training
-
-
-@pytest.mark.slow
 def test_compare_with_compile_compiles_each_run_itself(device, tmp_path, monkeypatch):
     """With --compile, each run of compare.py compiles its own model, and its ms/iter includes the compile time,
     as a run on its own would: the NITP run does not reuse the code compiled for the NTP run before it."""
@@ -333,21 +199,6 @@ def test_compare_with_compile_compiles_each_run_itself(device, tmp_path, monkeyp
     compare.main(TINY + ["--compile", "--device", device, "--seeds", "1", "--max-iters", "2", "--eval-interval", "2",
                        "--out-dir", str(tmp_path)])
     assert len(compiled_during) == 2 and all(n > 0 for n in compiled_during), compiled_during
-
-
-def test_paired_statistics_give_the_textbook_answers():
-    """Two-sided p of the paired t test at the 5% critical values of Student's t (df 1, 2, 4, 9), and of the
-    exact sign test."""
-    for t, df in ((12.706, 1), (4.303, 2), (2.776, 4), (2.262, 9)):
-        n = df + 1
-        deltas = [1.0 + (-1) ** i * 0.5 for i in range(n)]  # any sample: rescale it to the wanted t
-        mean, std = np.mean(deltas), np.std(deltas, ddof=1)
-        deltas = [d - mean + t * std / np.sqrt(n) for d in deltas]
-        assert stats.t_test_p(deltas) == pytest.approx(0.05, abs=2e-4), df
-        assert stats.paired(deltas)["ci"][0] == pytest.approx(0.0, abs=1e-3 * std), df  # the interval just reaches 0
-    assert stats.t_test_p([0.1]) is None and stats.t_test_p([0.1, 0.1]) == 0.0
-    assert stats.sign_test_p([1, 2, 3]) == 0.25 and stats.sign_test_p([1] * 5) == 0.0625
-    assert stats.sign_test_p([1, 1, 1, 1, -1]) == 0.375 and stats.sign_test_p([1, -1]) == 1.0
 
 
 def test_equal_compute_trains_ntp_for_nitps_flops_on_the_same_batches(device, tmp_path, capsys):
@@ -394,7 +245,165 @@ def test_the_ablation_table_runs_every_switch_beside_the_papers_numbers(device, 
     assert "vs_nitp" not in table["NITP"]["erank"]
     printed = capsys.readouterr().out
     assert "ablations: final evaluation, run − NTP" in printed and "18.23" in printed and "23.58" in printed
-    assert "ablations: final evaluation, ablation − NITP" in printed
+    assert "ablations: final evaluation, ablation − NITP" in printed and "survives Holm's correction" in printed
+    assert all(isinstance(row[key]["survives"], bool) for row in table.values() for key in ("val_lm", "erank"))
     args = json.loads((tmp_path / "seed1337-start-half-way" / "metrics.jsonl").read_text().splitlines()[1])
     assert args["step"] == 1 and "nitp" not in args  # NITP switched on at step 1 of 2, not before
     assert torch.load(tmp_path / "seed1338-no-head" / "ckpt.pt", weights_only=True)["args"]["nitp_head"] == "none"
+
+
+# ---------------------------------------------------------------------------------------------------- controls
+
+def test_the_shuffled_target_is_a_permutation_of_the_true_targets_and_stops_gradients():
+    """nitp.NITPConfig(shuffled=True), the control: the targets are the true z_{t+1}, traded among the (batch,
+    position) pairs, detached as NITP's are; the predictions are unchanged. With shuffled=False (the default)
+    nothing changes, bit for bit, and no random number is drawn."""
+    g = torch.Generator().manual_seed(0)
+    h, z = torch.randn(3, 12, 16, generator=g), torch.randn(3, 12, 16, generator=g, requires_grad=True)
+    pred, target = tiny_nitp().pairs(h, z)
+    plain = tiny_nitp(shuffled=False)  # the same weights (tiny_nitp seeds itself)
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    plain_pred, plain_target = plain.pairs(h, z)
+    assert torch.equal(torch.rand(1), before)                                  # the default draws nothing
+    assert torch.equal(pred, plain_pred) and torch.equal(target, plain_target)
+    shuffled_pred, shuffled = tiny_nitp(shuffled=True).pairs(h, z)
+    assert torch.equal(shuffled_pred, pred) and shuffled.shape == target.shape and not shuffled.requires_grad
+    rows, true_rows = shuffled.flatten(0, 1).tolist(), target.flatten(0, 1).tolist()
+    assert sorted(rows) == sorted(true_rows) and rows != true_rows             # the same targets, elsewhere
+    parser_args = machinery.parse_args(["--nitp", "--nitp-shuffled-target"])
+    assert train.nitp_config(parser_args).shuffled and not train.nitp_config(machinery.parse_args(["--nitp"])).shuffled
+
+
+def test_the_mean_direction_baseline_is_1_for_one_direction_and_near_0_for_random_ones():
+    """nitp_cos_mean_direction: the mean cosine of the targets with their mean direction. Targets all one way (of
+    any length): 1. Random directions: near 0. diagnostics() logs it beside nitp_cos."""
+    g = torch.Generator().manual_seed(0)
+    one_way = torch.rand(4, 10, 1, generator=g) * torch.randn(1, 1, 32, generator=g).abs()
+    assert mean_direction_cos(one_way + 0.0) == pytest.approx(1.0, abs=1e-6)
+    assert abs(mean_direction_cos(torch.randn(64, 64, 32, generator=g))) < 0.05
+    two_ways = torch.eye(32)[torch.arange(40) % 2].view(4, 10, 32)        # half along e0, half along e1
+    assert mean_direction_cos(two_ways) == pytest.approx(2 ** -0.5)       # each at 45° to their mean direction
+    model, head = tiny_model(), tiny_nitp()
+    found = diagnostics(model, head, tokens(), tokens(seed=1), torch.autocast("cpu", enabled=False))
+    with torch.no_grad():
+        out = model(tokens())
+        _, target = head.pairs(out.hidden, out.block_outputs[head.layer])
+    assert found["nitp_cos_mean_direction"] == pytest.approx(mean_direction_cos(target), abs=1e-6)
+    assert -1 <= found["nitp_cos_mean_direction"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------------- the summary
+
+def fake_final(seed: int, rng: np.random.Generator, resampled: bool = True) -> dict:
+    """One seed's final records of NTP and NITP, made up: the metrics the summary reads, the probe scores and, with
+    `resampled`, their scores on 50 resamples of the text (each target's NITP a little above NTP's)."""
+    final = {}
+    for run, lift in (("NTP", 0.0), ("NITP", 0.01)):
+        record = {"seed": seed, "val_lm": 1.4 + rng.normal(0, 0.01) + lift / 2, "erank": 30 + rng.normal() + 100 * lift,
+                  "anisotropy": 0.3 + rng.normal(0, 0.01) - lift, "ms_per_iter": 10.0}
+        text = rng.normal(0, 0.01, size=50)
+        record["probe_resampled"] = {name: (0.5 + lift + text + rng.normal(0, 0.002, size=50)).tolist()
+                                     for name in probe.TARGETS}
+        for name in probe.TARGETS:
+            record[f"probe:{name}"] = float(np.mean(record["probe_resampled"][name]))
+        record["probe_mean"] = float(np.mean([record[f"probe:{name}"] for name in probe.TARGETS]))
+        if not resampled:
+            del record["probe_resampled"]
+        final[run] = record
+    return final
+
+
+def test_the_probe_interval_holds_the_texts_variance_and_the_targets_are_holm_corrected(capsys):
+    """The probe score's interval: t · sqrt(std²/n + the variance over text resamples of the seed-mean difference);
+    each target's p is Holm-corrected over the targets; without resamples (an older compare.json) the interval is
+    the seeds' alone."""
+    rng = np.random.default_rng(0)
+    finals = [fake_final(seed, rng) for seed in (1, 2, 3, 4)]
+    summary = compare.summarize(finals)
+    seed_mean = np.mean([compare.resampled_probe(f["NITP"], None) - compare.resampled_probe(f["NTP"], None)
+                         for f in finals], axis=0)
+    delta = [f["NITP"]["probe_mean"] - f["NTP"]["probe_mean"] for f in finals]
+    shared = np.var(seed_mean, ddof=1)
+    assert summary["probe_mean"]["shared_var"] == pytest.approx(shared) and shared > 0
+    assert summary["probe_mean"]["half_width"] == pytest.approx(
+        stats.t_critical(3) * np.sqrt(np.var(delta, ddof=1) / 4 + shared))
+    rows = summary["probes"]
+    assert [row["holm_p"] for row in rows.values()] == pytest.approx(stats.holm([row["t_test_p"] for row in rows.values()]))
+    assert all(row["shared_var"] > 0 for row in rows.values())
+    printed = capsys.readouterr().out
+    assert "probe targets, one by one (Holm's correction over the 11)" in printed and "the text's variance" in printed
+    older = compare.summarize([fake_final(seed, rng, resampled=False) for seed in (1, 2, 3)])
+    assert older["probe_mean"]["shared_var"] is None
+    assert older["probe_mean"]["half_width"] == pytest.approx(stats.t_critical(2) * older["probe_mean"]["std"] / 3 ** 0.5)
+
+
+def test_a_nan_metric_gives_no_verdict_in_words_and_compare_json_is_written(tmp_path, monkeypatch, capsys):
+    """A metric that comes out NaN for one run: the summary says which seed gave no verdict, the other metrics are
+    summarized, and compare.json is written; and compare.json holds the runs even when the summary itself fails."""
+    real_train = train.train
+
+    def nan_rank(run, **kw):
+        records = real_train(run, **kw)
+        if run.nitp is not None:
+            records[-1]["erank"] = float("nan")
+        return records
+
+    monkeypatch.setattr(train, "train", nan_rank)
+    common = TINY + ["--seeds", "1", "--max-iters", "2", "--eval-interval", "2"]
+    compare.main(common + ["--out-dir", str(tmp_path / "nan")])
+    result = json.loads((tmp_path / "nan" / "compare.json").read_text())
+    assert result["summary"]["erank"]["verdict"] == "no verdict: seed 1337's eff. rank (NITP − NTP) is nan"
+    assert result["summary"]["val_lm"]["refused"] is None
+    assert "eff. rank: –, NITP higher in 0 of 1 seeds: no verdict: seed 1337" in capsys.readouterr().out
+
+    def failing(finals):
+        raise RuntimeError("the summary failed")
+
+    monkeypatch.setattr(compare, "summaries", failing)
+    with pytest.raises(RuntimeError):
+        compare.main(common + ["--out-dir", str(tmp_path / "failed")])
+    assert json.loads((tmp_path / "failed" / "compare.json").read_text())["seeds"] == [1337]
+
+
+def test_pooling_reads_older_compare_json_without_the_new_keys(tmp_path):
+    """--pool over compare.json files with the probe resamples pools their text variance over all seeds; over a
+    mix with an older file that lacks them (and lacks "seed" in its records), it pools the seeds' intervals alone."""
+    rng = np.random.default_rng(1)
+    settings = vars(compare.parse_args([]))
+
+    def write(folder, seeds, resampled):
+        finals = [fake_final(seed, rng, resampled) for seed in seeds]
+        if not resampled:
+            finals = [{run: {k: v for k, v in record.items() if k != "seed"} for run, record in f.items()}
+                      for f in finals]
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "compare.json").write_text(json.dumps({"seeds": seeds, "finals": finals,
+                                                                    "args": settings}))
+        return finals
+
+    new = write("a", [1, 2], True) + write("b", [3], True)
+    write("old", [4, 5], False)
+    pooled = compare.pool([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "p1"))
+    assert pooled["summary"]["probe_mean"]["shared_var"] == pytest.approx(compare.text_variance(new, "NITP", "NTP"))
+    mixed = compare.pool([str(tmp_path / "a"), str(tmp_path / "old")], str(tmp_path / "p2"))
+    assert mixed["seeds"] == [1, 2, 4, 5] and mixed["summary"]["probe_mean"]["shared_var"] is None
+    assert mixed["summary"]["probe_mean"]["ci"] is not None
+
+
+def test_the_ablation_tables_cells_are_holm_corrected_per_table():
+    """ablations.correct_cells: each table's cells (run − NTP; ablation − NITP) get Holm's correction over that
+    table's cells alone, and a cell survives when its corrected p is below 5%."""
+    def found(p):
+        return {"t_test_p": p, "vs_nitp": {"t_test_p": None if p is None else p / 2}}
+
+    table = {"NITP": {key: {"t_test_p": 0.001} for key, _, _ in ablations.COLUMNS},
+             "ablation": {"val_lm": found(0.02), "erank": found(0.5), "anisotropy": found(None)}}
+    ablations.correct_cells(table)
+    corrected = [table[name][key]["holm_p"] for name in table for key, _, _ in ablations.COLUMNS]
+    assert corrected[:5] == pytest.approx([0.005, 0.005, 0.005, 0.04, 0.5]) and corrected[5] is None  # 5 p-values
+    assert [table["ablation"][key]["survives"] for key in ("val_lm", "erank", "anisotropy")] == [True, False, False]
+    assert table["ablation"]["val_lm"]["vs_nitp"]["holm_p"] == pytest.approx(0.02)  # 2 p-values: 0.01 · 2
+    assert not table["ablation"]["erank"]["vs_nitp"]["survives"] and table["NITP"]["erank"]["survives"]
+    assert ablations.cell({**table["ablation"]["val_lm"], "mean": 0.1, "ci": [0.05, 0.15]}, "{:.2f}").endswith(" *")

@@ -234,7 +234,7 @@ def test_the_command_line_is_built_from_the_settings_at_the_top_of_train_py(tmp_
     its line, rather than losing a flag."""
     args = machinery.parse_args([])
     computed = {"warmup_iters": 100, "eval_interval": 100}  # None in the block: a tenth of max_iters
-    assert len(vars(args)) == 38 and all(value == computed.get(name, getattr(train, name))
+    assert len(vars(args)) == 39 and all(value == computed.get(name, getattr(train, name))
                                          for name, value in vars(args).items())
     with pytest.raises(SystemExit):
         machinery.parse_args(["--help"])

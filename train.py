@@ -48,6 +48,7 @@ nitp_head = "swiglu"        # ablation: the projection head P
 nitp_head_width = None      # the SwiGLU head's hidden width; None: 4 * n_embd, the paper's (smaller costs less)
 nitp_loss = "cosine"        # ablation: the distance between P(h) and z
 nitp_start = 0              # ablation: the step at which the NITP loss switches on
+nitp_shuffled_target = False  # control: each target z comes from a random other position (NITP's form, no content)
 # data
 data = "python-docs"        # 'python-docs' (the Python reference, in corpus/), 'shakespeare' (downloaded once)
                             # or a path to a UTF-8 text file
@@ -184,7 +185,7 @@ def nitp_config(args: argparse.Namespace) -> NITPConfig | None:
         return None
     config = NITPConfig(lam=args.nitp_lambda, layer=args.nitp_layer, shift=args.nitp_shift,
                         stopgrad=not args.nitp_no_stopgrad, head=args.nitp_head, head_width=args.nitp_head_width,
-                        loss=args.nitp_loss, start=args.nitp_start)
+                        loss=args.nitp_loss, start=args.nitp_start, shuffled=args.nitp_shuffled_target)
     target_layer(config, args.n_layer)  # in range for this depth
     return config
 
@@ -255,7 +256,8 @@ def train(run: Run, on_eval=None, sample: bool = True) -> list[dict]:
         if "max_load" in record:
             print(f"  routing balance: busiest expert gets {record['max_load']:.2f}x its fair share (1.00 = even)")
         if "nitp_cos" in record:
-            print(f"  NITP: cos(P(h), z) {record['nitp_cos']:.3f} | |P(h)| {record['pred_norm']:.2f} | "
+            print(f"  NITP: cos(P(h), z) {record['nitp_cos']:.3f} (the mean direction's "
+                  f"{record['nitp_cos_mean_direction']:.3f}) | |P(h)| {record['pred_norm']:.2f} | "
                   f"|z| {record['target_norm']:.2f} | share of the backbone gradient {record['grad_nitp_share']:.1%} "
                   f"(cos to the LM's {record['grad_cos']:+.2f})")
         if on_eval is not None:
