@@ -369,7 +369,7 @@ def train_seeds(args: argparse.Namespace, changes: dict[str, dict], probe_them: 
         if probe_them:  # probe.py's frozen-state probes on each final model, and the baselines for this seed
             print(f"\n=== seed {seed}: frozen-state probes ===")
             t0 = time.perf_counter()
-            probes = probes or probe.Probes(np.asarray(run.dataset.val), args.block_size)
+            probes = probes or probe.Probes(np.asarray(run.dataset.val), run.dataset.val_starts, args.block_size)
             scores = {name: probes.of_model(model, depth=args.probe_depth) for name, model in models.items()}
             baselines.append(probes.baselines(models["NTP"], seed))
             probe.print_table({**scores, **baselines[-1]}, probe.chance(probes))

@@ -18,8 +18,9 @@ the validation split:
                  whether that brings more of the future into h_t is what these ask.
 
 The probe is ridge regression onto one-hot labels, each class weighted by the inverse of its frequency so that a
-rare class counts as much as a common one, fitted in closed form (no optimizer, no seed). The windows of the
-validation split are cut in two: the probe is fitted on the states of the first half and scored on the second,
+rare class counts as much as a common one, fitted in closed form (no optimizer, no seed). The held-out documents
+(data.py: topics of the reference that no training text repeats) take turns: the probe is fitted on the states of
+every other document and scored on the rest, so it is scored on topics it was not fitted on either,
 by balanced accuracy, the mean over classes of the share of that class's positions predicted right: chance is
 1/K for K classes, whatever their frequencies. Classes too rare to fit or to score are left out.
 
@@ -181,11 +182,19 @@ def recent_mean(embeddings: torch.Tensor, n: int = RECENT) -> torch.Tensor:
 class Probes:
     """The probe positions of one validation split, and the probes of any model's states on them."""
 
-    def __init__(self, tokens: np.ndarray, length: int):
-        starts = list(range(0, len(tokens) - length + 1, length))  # non-overlapping windows
-        self.windows = torch.from_numpy(np.stack([tokens[s:s + length] for s in starts]).astype(np.int64))
-        self.fit = torch.arange(len(starts)) < len(starts) // 2   # the first half fits, the second scores
-        self.labels = labels(tokens, starts, length)
+    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, length: int):
+        """tokens: the held-out text, its documents one after another, starting at doc_starts. The documents take
+        turns: the probes are fitted on the 1st, 3rd, 5th, ... and scored on the others, so that no text is in
+        both, each cut into non-overlapping windows of `length`."""
+        ends = [*doc_starts[1:], len(tokens)]
+        parts = [np.concatenate([tokens[a:b] for a, b in list(zip(doc_starts, ends))[turn::2]] or [tokens[:0]])
+                 for turn in (0, 1)]                                # the fitting text, the scoring text
+        text = np.concatenate(parts)
+        starts = [[offset + s for s in range(0, len(part) - length + 1, length)]
+                  for offset, part in zip((0, len(parts[0])), parts)]  # windows inside each part, never across
+        self.windows = torch.from_numpy(np.stack([text[s:s + length] for s in sum(starts, [])]).astype(np.int64))
+        self.fit = torch.arange(len(self.windows)) < len(starts[0])  # (W,) True: a fitting window
+        self.labels = labels(text, sum(starts, []), length)
         self.resamples = resample_counts(int((~self.fit).sum()))  # (RESAMPLES, scoring windows)
 
     def predictions(self, layer: torch.Tensor) -> dict[str, tuple | None]:
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                        f"the checkpoint in {args.out_dir} does not fit the model its flags describe; train one "
                        f"with train.py", program="probe.py")
     model.to(device)
-    probes = Probes(np.asarray(dataset.val), settings.block_size)
+    probes = Probes(np.asarray(dataset.val), dataset.val_starts, settings.block_size)
     rows = {"this model": probes.of_model(model), **probes.baselines(model, settings.seed)}
     print_table(rows, chance(probes))
     (Path(args.out_dir) / "probe.json").write_text(json.dumps({**rows, "chance": chance(probes)}, indent=1))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import probe
 import train
 from conftest import TINY
@@ -85,7 +86,7 @@ def test_probing_leaves_the_random_state_and_the_model_mode_as_they_were(device)
     training mode come back unchanged: probing between two runs changes neither run."""
     model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)).to(device).train()
     tokens = np.frombuffer(b"some text,\n  with (lines) and \"quotes\"\n" * 40, dtype=np.uint8)
-    probes = probe.Probes(tokens, 16)
+    probes = probe.Probes(tokens, np.array([0, len(tokens) // 2]), 16)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -117,10 +118,31 @@ def test_a_models_resampled_scores_surround_its_score(device):
     [0, 1], centred on the score; the same targets are missing in both."""
     model = GPT(GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=16)).to(device)
     tokens = np.frombuffer(b"some text,\n  with (lines) and \"quotes\"\n" * 40, dtype=np.uint8)
-    scores = probe.Probes(tokens, 16).of_model(model, depth=False)
+    scores = probe.Probes(tokens, np.array([0, len(tokens) // 2]), 16).of_model(model, depth=False)
     for name in probe.TARGETS:
         score, resampled = scores["probe"][name], scores["probe_resampled"][name]
         assert (score is None) == (resampled is None), name
         if score is not None:
             assert len(resampled) == probe.RESAMPLES and all(0 <= r <= 1 for r in resampled)
             assert np.mean(resampled) == pytest.approx(score, abs=0.05), name
+
+
+def test_the_probes_fit_and_score_on_different_documents():
+    """The held-out documents take turns: windows of the 1st and 3rd fit, of the 2nd and 4th score; no window holds
+    text of both, and what is too short for a window is left out."""
+    docs = [np.full(n, value, dtype=np.uint8) for n, value in ((40, 1), (35, 2), (20, 3), (16, 4))]
+    probes = probe.Probes(np.concatenate(docs), np.cumsum([0] + [len(d) for d in docs[:-1]]), 16)
+    fit, score = probes.windows[probes.fit], probes.windows[~probes.fit]
+    assert set(fit.unique().tolist()) == {1, 3} and set(score.unique().tolist()) == {2, 4}
+    assert (len(fit), len(score)) == ((40 + 20) // 16, (35 + 16) // 16)
+
+
+def test_on_the_default_split_no_passage_is_both_fitted_and_scored():
+    """On the Python reference's held-out topics, no 64-byte passage of a scoring window occurs in the fitting
+    windows (a repeated topic, such as the second "if" statement, was cut from the held-out text)."""
+    dataset = data.load_dataset("python-docs", data.get_tokenizer("bytes"), 64)
+    probes = probe.Probes(np.asarray(dataset.val), dataset.val_starts, 64)
+    fitted = b"|".join(bytes(w.numpy().astype(np.uint8)) for w in probes.windows[probes.fit])
+    scored = [bytes(w.numpy().astype(np.uint8)) for w in probes.windows[~probes.fit]]
+    assert probes.fit.sum() > 300 and len(scored) > 300
+    assert not any(window in fitted for window in scored)
