@@ -600,8 +600,8 @@ def plot_lambdas(rows: list[dict], out_dir: Path) -> None:
     ax.set_xlabel("validation loss, NITP − NTP (nats per byte)")
     ax.set_ylabel("effective rank, NITP − NTP")
     ax.legend(fontsize=8)
-    ax.set_title(f"each point: NITP at one λ − NTP, final evaluation, mean of {n} seed{'s' * (n > 1)}"
-                 + (" with 95% intervals" if n > 1 else " (no interval)"), fontsize=9)
+    ax.set_title("each point: NITP at one λ − NTP, final evaluation, "
+                 + (f"mean of {n} seeds with 95% intervals" if n > 1 else "one seed (no interval)"), fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / "lambdas.png", dpi=80)
     plt.close(fig)
