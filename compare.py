@@ -23,14 +23,26 @@ only through Holm's correction. The seed spread, the t test's and the sign test'
 describe; it also says how large a difference its number of seeds can settle. compare.json is written as soon as
 the runs are trained, before anything is summarized.
 
-Seeds from separate invocations pool: `python compare.py --pool OUT_DIR [OUT_DIR ...]` reads their compare.json
-files and gives one summary over all their seeds (pooled.json), if they trained the same setting.
+What does NITP's geometry cost, λ by λ? `python compare.py --lambdas 0.1,0.3,1,3` adds NITP at each other λ
+(seed<S>-nitp-lambda-0.3/; the λ of --nitp-lambda, 1, is the run NITP), from the same weights on the same batches.
+Each λ gets its NITP(λ) − NTP summary (val loss, effective rank, anisotropy, probe score, with their verdicts),
+the table "by λ" gathers them, and lambdas.png puts each λ at its loss difference (x) and rank difference (y).
 
-Everything lands in OUT_DIR: seed<S>-<run>/ (metrics.jsonl, ckpt.pt each), compare.json, and compare.png when
-matplotlib is installed.
+Seeds from separate invocations pool: `python compare.py --pool OUT_DIR [OUT_DIR ...]` reads their compare.json
+files and gives one summary over all their seeds (pooled.json), if they trained the same setting; it summarizes
+the comparisons whose runs every seed has.
+
+A run already finished in its folder (its checkpoint at the last step, trained with the same settings but for
+--device, --compile, --deterministic and --log-interval) is not trained again: it is rebuilt from its checkpoint
+and its metrics.jsonl is read, so that an invocation stopped midway, run again, loses at most one run, and
+`--lambdas` over the folder of a plain compare.py trains only the new λ arms.
+
+Everything lands in OUT_DIR: seed<S>-<run>/ (metrics.jsonl, ckpt.pt each), compare.json, and compare.png (and
+lambdas.png) when matplotlib is installed.
 """
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -46,6 +58,7 @@ import stats
 import train
 from data import get_tokenizer
 from machinery import check_out_dir, fail, make_parser, say
+from machinery import load as load_checkpoint
 from machinery import parse_args as train_parse_args
 from machinery import printable_output
 from model import GPT, flops_per_token
@@ -225,12 +238,8 @@ def plot(out_dir: Path, seeds: list[int], nitp_layer: int, summary: dict, costs:
     lines are seeds, bold lines their mean; the title gives the final deltas. costs: each run's cost of a step,
     in NTP steps; with the equal-compute run the x axis is compute, in NTP steps, so that equal x means equal
     FLOPs."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: `pip install matplotlib` to get compare.png (everything else is in compare.json)")
+    plt = pyplot("compare.png", "compare.json")
+    if plt is None:
         return
     runs = {name: [read_metrics(out_dir / f"seed{seed}-{slug(name)}") for seed in seeds] for name in costs}
     by_compute = len(costs) > 2
@@ -282,6 +291,18 @@ def plot(out_dir: Path, seeds: list[int], nitp_layer: int, summary: dict, costs:
     print(f"plot: {out_dir / 'compare.png'}")
 
 
+def pyplot(png: str, json_file: str):
+    """matplotlib's pyplot, drawing to files; None without matplotlib, after one line that says so."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"no plot: `pip install matplotlib` to get {png} (everything else is in {json_file})")
+        return None
+    return plt
+
+
 def slug(name: str) -> str:
     """A run's folder name: "NTP" -> ntp, "NTP, equal compute" -> ntp-equal-compute, "λ = 1.4" -> lambda-1.4."""
     return re.sub(r"[^a-z0-9.]+", "-", name.lower().replace("λ", "lambda")).strip("-")
@@ -320,10 +341,14 @@ def stretched(args: argparse.Namespace, factor: float) -> dict:
 
 
 def arm_changes(args: argparse.Namespace) -> dict[str, dict]:
-    """The runs of one seed, by name, as changes to train.py's flags: NTP and NITP; with --equal-compute, NTP for
-    NITP's FLOPs; with --paper-overhead, NITP with a head of the paper's relative cost, NTP for that run's FLOPs,
-    and NITP (the full head) with a shuffled target: the form of NITP without its content."""
+    """The runs of one seed, by name, as changes to train.py's flags: NTP and NITP; with --lambdas, NITP at each
+    other λ; with --equal-compute, NTP for NITP's FLOPs; with --paper-overhead, NITP with a head of the paper's
+    relative cost, NTP for that run's FLOPs, and NITP (the full head) with a shuffled target: the form of NITP
+    without its content."""
     changes = {"NTP": {"nitp": False}, "NITP": {"nitp": True}}
+    for lam in args.lambdas or []:  # NITP's own λ (--nitp-lambda, 1 by default) is the run "NITP"
+        if lam != args.nitp_lambda:
+            changes[lambda_arm(lam)] = {"nitp": True, "nitp_lambda": lam}
     if args.equal_compute:
         changes["NTP, equal compute"] = {"nitp": False, **stretched(args, 1 + nitp_overhead(args))}
     if args.paper_overhead:
@@ -333,6 +358,23 @@ def arm_changes(args: argparse.Namespace) -> dict[str, dict]:
         changes["NTP, small head's compute"] = {"nitp": False, **stretched(args, 1 + small_overhead)}
         changes["NITP, shuffled target"] = {"nitp": True, "nitp_shuffled_target": True}
     return changes
+
+
+def lambda_text(lam: float) -> str:
+    """λ as a run's name shows it: "0.3", "3", "1e-05"; all its digits where fewer would name another λ."""
+    short = f"{lam:g}"
+    return short if float(short) == lam else repr(lam)
+
+
+def lambda_arm(lam: float) -> str:
+    """The NITP run at a λ other than its own: "NITP, λ=0.3", in the folder seed<S>-nitp-lambda-0.3."""
+    return f"NITP, λ={lambda_text(lam)}"
+
+
+def lambda_arms(names) -> dict[str, float]:
+    """The λ arms among these run names (lambda_arm's), and their λ."""
+    found = (re.fullmatch(r"NITP, λ=(.+)", name) for name in names)
+    return {match[0]: float(match[1]) for match in found if match}
 
 
 def arms(args: argparse.Namespace, seed: int, changes: dict[str, dict]) -> dict[str, argparse.Namespace]:
@@ -350,7 +392,7 @@ def train_seeds(args: argparse.Namespace, changes: dict[str, dict], probe_them: 
     seeds = list(range(args.seed, args.seed + args.seeds))
     finals, baselines, probe_s, probes = [], [], 0.0, None
     for seed in seeds:
-        results, models = {}, {}
+        results, models, reused = {}, {}, set()
         for name, settings in arms(args, seed, changes).items():
             print(f"\n=== seed {seed}: {name} ===")
             ntp_by_step = {r["step"]: r for r in results.get("NTP", [])}
@@ -361,10 +403,12 @@ def train_seeds(args: argparse.Namespace, changes: dict[str, dict], probe_them: 
                 if on_eval is not None:
                     on_eval(name, seed, record)
 
-            if args.compile:  # each run compiles its own model, and its ms/iter includes that, as on its own
-                torch._dynamo.reset()
-            run = train.setup(settings)
-            results[name], models[name] = train.train(run, on_eval=show, sample=False), run.model
+            run, results[name], was_reused = train_or_reuse(settings, f"seed {seed}: {name}", show)
+            models[name] = run.model
+            if was_reused:
+                reused.add(name)
+                for record in results[name] if on_eval is not None else []:  # the notebook draws its curve too
+                    on_eval(name, seed, record)
         rows = {}
         if probe_them:  # probe.py's frozen-state probes on each final model, and the baselines for this seed
             print(f"\n=== seed {seed}: frozen-state probes ===")
@@ -379,8 +423,61 @@ def train_seeds(args: argparse.Namespace, changes: dict[str, dict], probe_them: 
         for name in models:  # ms/iter over the whole run (an eval record holds only the steps since the last)
             ms = [r["ms"] for r in read_metrics(Path(args.out_dir) / f"seed{seed}-{slug(name)}") if not r.get("eval")]
             finals[-1][name] = {"seed": seed, **results[name][-1], **rows.get(name, {}),
-                                "ms_per_iter": statistics.mean(ms), "train_s": sum(ms) / 1000}
+                                "ms_per_iter": statistics.mean(ms), "train_s": sum(ms) / 1000,
+                                **({"reused": True} if name in reused else {})}
     return finals, baselines, probe_s
+
+
+def train_or_reuse(settings: argparse.Namespace, what: str, show) -> tuple[train.Run, list[dict], bool]:
+    """Train one run into its folder, or, where the folder already holds this run finished (finished_run), rebuild it
+    from its checkpoint and read its evaluations from its metrics.jsonl: a stopped study loses at most the run it was
+    training. Returns the run, its evaluation records and whether it was reused; show(record) sees each evaluation
+    of a run trained now."""
+    ckpt, why_not = finished_run(settings)
+    if ckpt is not None:
+        run = train.setup(settings, ckpt)  # the weights restored: the probes run on them as on a fresh run's
+        records = [r for r in read_metrics(Path(settings.out_dir)) if r.get("eval")]
+        print(f"{what} already trained in {settings.out_dir}, reused")
+        return run, records, True
+    if why_not is not None:
+        print(f"{what}: {settings.out_dir} holds a checkpoint, but {why_not}: trained again from the start")
+    if settings.compile:  # each run compiles its own model, and its ms/iter includes that, as on its own
+        torch._dynamo.reset()
+    run = train.setup(settings)
+    return run, train.train(run, on_eval=show, sample=False), False
+
+
+# Flags that change neither what a run trains nor what it measures: a finished run that differs from the one asked
+# for only in these is reused (compare.py's own flags never reach a run's settings).
+NOT_CHANGING_A_RUN = {"out_dir", "device", "compile", "deterministic", "log_interval", "resume"}
+
+
+def finished_run(settings: argparse.Namespace) -> tuple[dict | None, str | None]:
+    """The checkpoint in settings.out_dir if it is this run, finished: saved at step max_iters with the same settings
+    (but NOT_CHANGING_A_RUN), its metrics.jsonl holding the final evaluation. Else None, and why not in words (None
+    too where the folder holds no checkpoint)."""
+    folder = Path(settings.out_dir)
+    if not (folder / "ckpt.pt").is_file():
+        return None, None
+    try:
+        ckpt = load_checkpoint(settings.out_dir)
+    except ValueError:
+        return None, "it cannot be read"
+    if ckpt["step"] != settings.max_iters:
+        return None, f"it is at step {ckpt['step']}, not {settings.max_iters}"
+    saved, wanted = ckpt["args"], vars(settings)
+    differ = sorted(name for name in (saved.keys() | wanted.keys()) - NOT_CHANGING_A_RUN
+                    if saved.get(name) != wanted.get(name))
+    if differ:
+        flag = differ[0]
+        return None, f"it was trained with --{flag.replace('_', '-')} {saved.get(flag)}, not {wanted.get(flag)}"
+    try:
+        final = [r for r in read_metrics(folder) if r.get("eval")][-1:]
+    except (OSError, ValueError):  # no metrics.jsonl, or a line cut short
+        final = []
+    if not final or final[0]["step"] != settings.max_iters:
+        return None, "its metrics.jsonl lacks the final evaluation"
+    return ckpt, None
 
 
 def flat(scores: dict) -> dict:
@@ -391,9 +488,10 @@ def flat(scores: dict) -> dict:
 
 
 def account(args: argparse.Namespace, finals: list[dict], started: float, **seconds: float) -> dict:
-    """Where the time went: training steps and evaluations from the runs' own logs, the rest (given, or left
-    over) measured by the caller. Printed, and returned for compare.json."""
-    records = [r for final in finals for name in final
+    """Where the time went: training steps and evaluations from the runs' own logs (those trained now: a reused
+    run's were spent before), the rest (given, or left over) measured by the caller. Printed, and returned for
+    compare.json."""
+    records = [r for final in finals for name in final if not final[name].get("reused")
                for r in read_metrics(Path(args.out_dir) / f"seed{final[name]['seed']}-{slug(name)}")]
     seconds = {"training steps": sum(r["ms"] for r in records if not r.get("eval")) / 1000,
                "evaluations": sum(r["eval_s"] for r in records if r.get("eval")), **seconds}
@@ -423,12 +521,91 @@ COMPARISONS = [("NITP", "NTP", "at equal steps", "as the paper says"),
                ("NITP", "NITP, shuffled target", "the objective's content", "in NITP's direction over NTP")]
 
 
+def lambda_words(lam: float) -> str:
+    """The comparison of NITP at another λ with NTP, in the summaries: "λ = 0.3"."""
+    return f"λ = {lambda_text(lam)}"
+
+
+def comparisons(present: set[str]) -> list[tuple[str, str, str, str]]:
+    """The comparisons of COMPARISONS whose two runs are present, then each λ arm against NTP, by λ."""
+    lambdas = sorted(lambda_arms(present).items(), key=lambda item: item[1])
+    return ([comparison for comparison in COMPARISONS if set(comparison[:2]) <= present]
+            + [(name, "NTP", lambda_words(lam), "as the paper says") for name, lam in lambdas])
+
+
 def summaries(finals: list[dict]) -> dict[str, dict]:
-    """Every comparison of COMPARISONS whose two runs every seed has, summarized (and printed)."""
-    present = set.intersection(*(set(final) for final in finals))
-    wanted = [comparison for comparison in COMPARISONS if set(comparison[:2]) <= present]
+    """Every comparison whose two runs every seed has (comparisons()), summarized (and printed)."""
+    wanted = comparisons(runs_of_every_seed(finals))
     return {words: summarize(finals, arm, baseline, prefix=f"{words}: " if len(wanted) > 1 else "", agree=agree)
             for arm, baseline, words, agree in wanted}
+
+
+def runs_of_every_seed(finals: list[dict]) -> set[str]:
+    return set.intersection(*(set(final) for final in finals))
+
+
+# ----------------------------------------------------------------------------------------------------
+# --lambdas: what NITP's geometry costs at each λ
+
+STUDIED = ["val_lm", "erank", "anisotropy", "probe_mean"]  # the metrics of the λ study, as METRICS names them
+
+
+def lambda_study(summary: dict[str, dict], present: set[str], nitp_lambda: float) -> list[dict]:
+    """One row per λ, from the summaries: NITP(λ) − NTP for each metric of STUDIED (its mean, 95% interval and
+    verdict), the run "NITP" at its own λ among them. Empty without λ arms."""
+    points = lambda_arms(present)
+    if not points:
+        return []
+    points["NITP"] = nitp_lambda
+    rows = []
+    for name, lam in sorted(points.items(), key=lambda item: item[1]):
+        part = summary["at equal steps" if name == "NITP" else lambda_words(lam)]
+        rows.append({"lambda": lam, "arm": name, **{key: {field: part[key].get(field) for field in
+                                                          ("n", "mean", "ci", "half_width", "verdict")}
+                                                    for key in STUDIED if key in part}})
+    return rows
+
+
+def print_lambda_study(rows: list[dict]) -> None:
+    """The λ study's rows: each λ's difference to NTP per metric, with its interval and verdict."""
+    n = rows[0]["val_lm"]["n"]
+    print(f"\nNITP(λ) − NTP at the end, by λ: mean [95% interval] over {n} seed{'s' * (n > 1)}, and the verdict")
+    for row in rows:
+        for i, key in enumerate(key for key in STUDIED if key in row):
+            label, pattern = next((label, pattern) for k, label, pattern, _ in METRICS if k == key)
+            head = f"λ = {lambda_text(row['lambda'])} ({row['arm']})" if i == 0 else ""
+            print(f"  {head:22s} {label:12s} {interval(row[key], pattern):>28s}  {row[key]['verdict']}")
+
+
+def plot_lambdas(rows: list[dict], out_dir: Path) -> None:
+    """OUT_DIR/lambdas.png: each λ a point, NITP(λ) − NTP in validation loss (x) against effective rank (y), with
+    both 95% intervals as error bars (none with one seed), the loss margin dashed: the geometry bought, and its
+    price. A point whose difference is NaN is left out."""
+    plt = pyplot("lambdas.png", "compare.json")
+    if plt is None:
+        return
+    n = rows[0]["val_lm"]["n"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for row in rows:
+        loss, rank = row["val_lm"], row["erank"]
+        if loss["mean"] is None or rank["mean"] is None:
+            continue
+        ax.errorbar(loss["mean"], rank["mean"], xerr=loss["half_width"], yerr=rank["half_width"], fmt="o",
+                    color="C1" if row["arm"] == "NITP" else "C3", capsize=3)
+        ax.annotate(f"λ = {lambda_text(row['lambda'])}", (loss["mean"], rank["mean"]), textcoords="offset points",
+                    xytext=(6, 6), fontsize=9)
+    ax.axvline(stats.LOSS_MARGIN, color="gray", ls="--", lw=1, label=f"loss margin +{stats.LOSS_MARGIN:g}")
+    ax.axvline(0, color="black", lw=0.6, zorder=0)
+    ax.axhline(0, color="black", lw=0.6, zorder=0)
+    ax.set_xlabel("validation loss, NITP − NTP (nats per byte)")
+    ax.set_ylabel("effective rank, NITP − NTP")
+    ax.legend(fontsize=8)
+    ax.set_title("each point: NITP at one λ − NTP, final evaluation, "
+                 + (f"mean of {n} seeds with 95% intervals" if n > 1 else "one seed (no interval)"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "lambdas.png", dpi=80)
+    plt.close(fig)
+    print(f"plot: {out_dir / 'lambdas.png'}")
 
 
 def compare(args: argparse.Namespace, on_eval=None) -> None:
@@ -442,12 +619,18 @@ def compare(args: argparse.Namespace, on_eval=None) -> None:
     if args.equal_compute:
         costs["NTP, equal compute"] = 1.0
         print_wall_clock(finals, costs)
+    lambdas = lambda_study(summary, set(changes), args.nitp_lambda)
+    if lambdas:
+        print_lambda_study(lambdas)
     t0 = time.perf_counter()
     nitp_layer = target_layer(NITPConfig(layer=args.nitp_layer), args.n_layer)
     plot(Path(args.out_dir), [f["NTP"]["seed"] for f in finals], nitp_layer, summary, costs)
+    if lambdas:
+        plot_lambdas(lambdas, Path(args.out_dir))
     seconds = account(args, finals, started, probes=probe_s, plot=time.perf_counter() - t0)
     save(args, finals, summary=summary["at equal steps"], summary_equal_compute=summary.get("at equal compute"),
-         summaries=summary, nitp_flop_overhead=costs["NITP"] - 1, probe_baselines=baselines, seconds=seconds)
+         summaries=summary, nitp_flop_overhead=costs["NITP"] - 1, probe_baselines=baselines, seconds=seconds,
+         **({"lambdas": lambdas} if lambdas else {}))
 
 
 def print_wall_clock(finals: list[dict], costs: dict[str, float]) -> None:
@@ -464,8 +647,8 @@ def print_wall_clock(finals: list[dict], costs: dict[str, float]) -> None:
 # Seeds of several invocations, pooled
 
 # Flags that do not change what a run trains or how it is measured: invocations that differ only in these pool.
-NOT_TRAINING = {"seed", "seeds", "out_dir", "pool", "equal_compute", "paper_overhead", "probe_depth", "resume",
-                "device", "compile",
+NOT_TRAINING = {"seed", "seeds", "out_dir", "pool", "equal_compute", "paper_overhead", "lambdas", "probe_depth",
+                "resume", "device", "compile",
                 "deterministic", "log_interval", "eval_interval",
                 "compare", "ablations", "probe"}  # the last three: flags of train.py before compare.py had its own
 
@@ -497,10 +680,20 @@ def pool(dirs: list[str], out_dir: str) -> dict:
               for result in results for seed, final in zip(result["seeds"], result["finals"])]
     print(f"pooled: {len(seeds)} seeds from {len(dirs)} invocations: "
           + "; ".join(f"{folder} ({len(result['seeds'])})" for folder, result in zip(dirs, results)))
+    present = runs_of_every_seed(finals)
+    left_out = sorted(set().union(*finals) - present)
+    if left_out:
+        print(f"left out, trained for some of these seeds only: {', '.join(left_out)}")
     summary = summaries(finals)
+    lambdas = lambda_study(summary, present, settings["nitp_lambda"])
+    if lambdas:
+        print_lambda_study(lambdas)
     pooled = {"dirs": dirs, "seeds": seeds, "summary": summary["at equal steps"],
-              "summary_equal_compute": summary.get("at equal compute"), "summaries": summary}
+              "summary_equal_compute": summary.get("at equal compute"), "summaries": summary,
+              **({"lambdas": lambdas} if lambdas else {})}
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if lambdas:
+        plot_lambdas(lambdas, Path(out_dir))
     (Path(out_dir) / "pooled.json").write_text(json.dumps({**pooled, "finals": finals, "args": settings}, indent=1))
     print(f"pooled summary: {Path(out_dir) / 'pooled.json'}")
     return pooled
@@ -521,6 +714,23 @@ def make_experiment_parser(description: str, program: str) -> argparse.ArgumentP
     return parser
 
 
+def lambda_list(text: str) -> list[float]:
+    """--lambdas 0.1,0.3,1,3: positive finite numbers, each once. argparse turns an error into one line."""
+    lambdas = []
+    for part in text.split(","):
+        try:
+            lam = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a number: give positive numbers separated "
+                                             f"by commas, e.g. 0.1,0.3,1,3") from None
+        if not (math.isfinite(lam) and lam > 0):
+            raise argparse.ArgumentTypeError(f"λ must be a positive finite number, got {part.strip()}")
+        if lam in lambdas:
+            raise argparse.ArgumentTypeError(f"λ {lambda_text(lam)} is given twice")
+        lambdas.append(lam)
+    return lambdas
+
+
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """compare.py's command line (or ablations.py's, whose parser is passed): checked, before anything runs."""
     if parser is None:
@@ -532,6 +742,9 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         group.add_argument("--paper-overhead", action="store_true",
                            help="also train NITP with its head at the paper's +2.3%% of FLOPs, NTP for that run's "
                                 "FLOPs, and NITP with a shuffled target (the control: NITP's form, no content)")
+        group.add_argument("--lambdas", type=lambda_list, metavar="λ,λ,...",
+                           help="also train NITP at each of these weights λ (positive, comma-separated; the one "
+                                "equal to --nitp-lambda is the run NITP): NITP(λ) − NTP by λ, and lambdas.png")
         group.add_argument("--probe-depth", action="store_true",
                            help="probe every block's output too, not only the final hidden state (the depth "
                                 "picture; a few seconds more per model)")

@@ -1,6 +1,8 @@
 """Tests of the NTP vs NITP experiment (compare.py), its summary, its controls and the ablation table (ablations.py)."""
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,6 +138,13 @@ def test_compare_runs_three_seeds_of_train_pys_own_defaults():
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--n-layer", "2", "--nitp-layer", "2"], "0..1"),
     (["--pool"], "expected at least one argument"),
+    (["--lambdas", "0.1,,3"], "argument --lambdas: '' is not a number"),
+    (["--lambdas", "0.3,abc"], "'abc' is not a number"),
+    (["--lambdas", "0,1"], "λ must be a positive finite number, got 0"),
+    (["--lambdas", "1,-0.5"], "λ must be a positive finite number, got -0.5"),
+    (["--lambdas", "inf"], "λ must be a positive finite number, got inf"),
+    (["--lambdas", "nan,1"], "λ must be a positive finite number, got nan"),
+    (["--lambdas", "0.3,1,0.30"], "λ 0.3 is given twice"),
 ])
 def test_compare_refuses_bad_input_with_one_line_and_writes_nothing(argv, expected, tmp_path, capsys):
     """A bad flag, or a setting that one of its runs cannot train (checked before the first run): one line, exit
@@ -250,6 +259,207 @@ def test_the_ablation_table_runs_every_switch_beside_the_papers_numbers(device, 
     args = json.loads((tmp_path / "seed1337-start-half-way" / "metrics.jsonl").read_text().splitlines()[1])
     assert args["step"] == 1 and "nitp" not in args  # NITP switched on at step 1 of 2, not before
     assert torch.load(tmp_path / "seed1338-no-head" / "ckpt.pt", weights_only=True)["args"]["nitp_head"] == "none"
+
+
+# ---------------------------------------------------------------------------------------------------- --lambdas
+
+def test_the_lambda_arms_are_nitp_at_each_other_lambda_and_nitps_own_is_the_run_nitp():
+    """--lambdas 0.1,0.3,1,3: NTP, NITP (λ = 1, train.py --nitp's settings, so that it pairs with the classroom
+    runs), and NITP at 0.1, 0.3 and 3 with only λ changed, each in a folder named for its λ; each λ arm is compared
+    with NTP. The λ equal to --nitp-lambda is the run NITP, whichever it is."""
+    args = compare.parse_args(["--lambdas", "0.1,0.3,1,3", "--seed", "8000"])
+    changes = compare.arm_changes(args)
+    assert changes == {"NTP": {"nitp": False}, "NITP": {"nitp": True}, "NITP, λ=0.1": {"nitp": True, "nitp_lambda": 0.1},
+                       "NITP, λ=0.3": {"nitp": True, "nitp_lambda": 0.3}, "NITP, λ=3": {"nitp": True, "nitp_lambda": 3.0}}
+    runs = compare.arms(args, 8000, changes)
+    plain = machinery.parse_args(["--nitp", "--seed", "8000"])
+    assert vars(runs["NITP"]) == {**vars(plain), "out_dir": "out/seed8000-nitp"}
+    assert vars(runs["NITP, λ=0.3"]) == {**vars(plain), "nitp_lambda": 0.3, "out_dir": "out/seed8000-nitp-lambda-0.3"}
+    assert [words for _, baseline, words, _ in compare.comparisons(set(changes)) if baseline == "NTP"] == \
+        ["at equal steps", "λ = 0.1", "λ = 0.3", "λ = 3"]
+    moved = compare.arm_changes(compare.parse_args(["--lambdas", "0.3,1", "--nitp-lambda", "0.3"]))
+    assert list(moved) == ["NTP", "NITP", "NITP, λ=1"] and moved["NITP, λ=1"]["nitp_lambda"] == 1.0
+    assert list(compare.arm_changes(compare.parse_args([]))) == ["NTP", "NITP"]  # without --lambdas: as before
+    # a λ's name keeps every digit that tells it from another λ, and reads back as the same number
+    for lam in (0.1, 3.0, 1e-5, 0.1234567, 0.1234568):
+        assert compare.lambda_arms([compare.lambda_arm(lam)]) == {compare.lambda_arm(lam): lam}
+    assert compare.lambda_arm(0.1234567) != compare.lambda_arm(0.1234568)
+
+
+def lambda_finals(seeds: list[int], lambdas: list[float], rng: np.random.Generator) -> list[dict]:
+    """fake_final's NTP and NITP per seed, and NITP at each λ: its differences to NTP scaled by λ, plus noise."""
+    finals = []
+    for seed in seeds:
+        final = fake_final(seed, rng)
+        ntp, nitp = final["NTP"], final["NITP"]
+        for lam in lambdas:
+            final[compare.lambda_arm(lam)] = {**nitp, **{key: ntp[key] + lam * (nitp[key] - ntp[key]) + rng.normal(0, 0.01)
+                                                         for key in ("val_lm", "erank", "anisotropy", "probe_mean")}}
+        finals.append(final)
+    return finals
+
+
+def test_the_lambda_study_gathers_each_lambdas_summary_against_ntp(capsys):
+    """The study's rows, by λ: for each λ the mean, interval and verdict of NITP(λ) − NTP for the val loss, the
+    effective rank, the anisotropy and the probe score, as that λ's summary gives them; λ = 1 is NITP − NTP."""
+    finals = lambda_finals([1, 2, 3], [3.0, 0.3], np.random.default_rng(2))
+    summary = compare.summaries(finals)
+    assert list(summary) == ["at equal steps", "λ = 0.3", "λ = 3"]
+    rows = compare.lambda_study(summary, set(finals[0]), nitp_lambda=1.0)
+    assert [(row["lambda"], row["arm"]) for row in rows] == [(0.3, "NITP, λ=0.3"), (1.0, "NITP"), (3.0, "NITP, λ=3")]
+    for row, words in zip(rows, ["λ = 0.3", "at equal steps", "λ = 3"]):
+        assert set(row) == {"lambda", "arm", "val_lm", "erank", "anisotropy", "probe_mean"}
+        for key in ("val_lm", "erank", "anisotropy", "probe_mean"):
+            assert row[key] == {field: summary[words][key][field] for field in ("n", "mean", "ci", "half_width", "verdict")}
+    delta = [f["NITP, λ=3"]["erank"] - f["NTP"]["erank"] for f in finals]
+    assert rows[2]["erank"]["mean"] == pytest.approx(np.mean(delta))
+    assert rows[2]["val_lm"]["verdict"] == stats.verdict("not worse", stats.paired(
+        [f["NITP, λ=3"]["val_lm"] - f["NTP"]["val_lm"] for f in finals]))
+    compare.print_lambda_study(rows)
+    printed = capsys.readouterr().out
+    assert "NITP(λ) − NTP at the end, by λ" in printed and "λ = 3 (NITP, λ=3)" in printed
+    assert compare.interval(rows[2]["erank"], "{:.2f}") + "  " + rows[2]["erank"]["verdict"] in printed
+    assert compare.lambda_study(compare.summaries(finals[:1]), {"NTP", "NITP"}, 1.0) == []  # no λ arm: no study
+
+
+def test_the_lambda_plot_draws_each_lambda_at_its_loss_and_rank_difference(tmp_path, monkeypatch, capsys):
+    """lambdas.png: one point per λ at (val loss difference, effective-rank difference), the 95% half-widths as
+    error bars, labelled with its λ; the loss margin dashed, 0 drawn on both axes. One seed: points without bars.
+    Without matplotlib: one line, no file."""
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.axes
+    drawn, lines = [], []
+    real_errorbar, real_axvline, real_axhline = (matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.axvline,
+                                                 matplotlib.axes.Axes.axhline)
+
+    def errorbar(self, x, y, xerr=None, yerr=None, **kw):
+        drawn.append((x, y, xerr, yerr))
+        return real_errorbar(self, x, y, xerr=xerr, yerr=yerr, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda self, x=0, **kw: lines.append(("x", x, kw.get("ls")))
+                        or real_axvline(self, x, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y=0, **kw: lines.append(("y", y, kw.get("ls")))
+                        or real_axhline(self, y, **kw))
+    finals = lambda_finals([1, 2, 3], [0.3, 3.0], np.random.default_rng(3))
+    rows = compare.lambda_study(compare.summaries(finals), set(finals[0]), 1.0)
+    compare.plot_lambdas(rows, tmp_path)
+    assert (tmp_path / "lambdas.png").stat().st_size > 0
+    assert drawn == [(row["val_lm"]["mean"], row["erank"]["mean"], row["val_lm"]["half_width"],
+                      row["erank"]["half_width"]) for row in rows]
+    assert all(xerr > 0 and yerr > 0 for _, _, xerr, yerr in drawn)
+    assert ("x", stats.LOSS_MARGIN, "--") in lines and ("x", 0, None) in lines and ("y", 0, None) in lines
+    drawn.clear()
+    one = compare.lambda_study(compare.summaries(finals[:1]), set(finals[0]), 1.0)
+    compare.plot_lambdas(one, tmp_path / "..")
+    assert len(drawn) == 3 and all(xerr is None and yerr is None for _, _, xerr, yerr in drawn)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    (tmp_path / "lambdas.png").unlink()
+    capsys.readouterr()
+    compare.plot_lambdas(rows, tmp_path)
+    assert capsys.readouterr().out.strip() == ("no plot: `pip install matplotlib` to get lambdas.png (everything else "
+                                               "is in compare.json)")
+    assert not (tmp_path / "lambdas.png").exists()
+
+
+def test_pooling_summarizes_the_lambda_arms_that_every_folder_trained(tmp_path, capsys):
+    """--pool over --lambdas comparisons: the λ study over all their seeds; a λ arm that only some folders trained
+    is left out, and said so in one line."""
+    rng = np.random.default_rng(4)
+    settings = vars(compare.parse_args([]))
+
+    def write(folder, seeds, lambdas):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "compare.json").write_text(json.dumps(
+            {"seeds": seeds, "finals": lambda_finals(seeds, lambdas, rng), "args": {**settings, "lambdas": lambdas}}))
+
+    write("a", [1, 2], [0.3, 3.0])
+    write("b", [3], [0.3, 1.0, 3.0])  # with 1 (NITP's own λ, the run NITP), or without, the same runs
+    write("c", [4], [0.3])
+    pooled = compare.pool([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "p1"))
+    assert [(row["lambda"], row["val_lm"]["n"]) for row in pooled["lambdas"]] == [(0.3, 3), (1.0, 3), (3.0, 3)]
+    assert set(pooled["summaries"]) == {"at equal steps", "λ = 0.3", "λ = 3"}
+    saved = json.loads((tmp_path / "p1" / "pooled.json").read_text())
+    assert saved["lambdas"] == json.loads(json.dumps(pooled["lambdas"]))
+    capsys.readouterr()
+    mixed = compare.pool([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "p2"))
+    assert [row["lambda"] for row in mixed["lambdas"]] == [0.3, 1.0]
+    assert "left out, trained for some of these seeds only: NITP, λ=3" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------- reuse
+
+@pytest.mark.slow
+def test_a_second_invocation_reuses_every_finished_run_and_lambdas_train_only_the_new_arms(device, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """A finished run in its folder is not trained again: --lambdas over a plain comparison's folder reuses its NTP
+    and NITP and trains only the other λ arms, and the same invocation again trains nothing and gives the same
+    summaries. compare.json holds the study, and lambdas.png is drawn."""
+    trained, real_train = [], train.train
+
+    def spy(run, **kw):
+        trained.append(Path(run.args.out_dir).name)
+        return real_train(run, **kw)
+
+    monkeypatch.setattr(train, "train", spy)
+    common = TINY + exact(device) + ["--seeds", "1", "--max-iters", "3", "--eval-interval", "3", "--out-dir", str(tmp_path)]
+    compare.main(common)
+    assert trained == ["seed1337-ntp", "seed1337-nitp"]
+    plain = json.loads((tmp_path / "compare.json").read_text())
+    compare.main(common + ["--lambdas", "0.5,1,2"])
+    assert trained[2:] == ["seed1337-nitp-lambda-0.5", "seed1337-nitp-lambda-2"]
+    printed = capsys.readouterr().out
+    assert f"seed 1337: NTP already trained in {tmp_path / 'seed1337-ntp'}, reused" in printed
+    assert f"seed 1337: NITP already trained in {tmp_path / 'seed1337-nitp'}, reused" in printed
+    first = json.loads((tmp_path / "compare.json").read_text())
+    for key in ("val_lm", "erank", "anisotropy", "probe_mean", "probes"):  # the verdicts now carry a prefix
+        assert first["summaries"]["at equal steps"][key] == plain["summaries"]["at equal steps"][key], key
+    assert [(row["lambda"], row["arm"]) for row in first["lambdas"]] == [(0.5, "NITP, λ=0.5"), (1.0, "NITP"),
+                                                                         (2.0, "NITP, λ=2")]
+    assert set(first["lambdas"][0]) >= {"val_lm", "erank", "anisotropy", "probe_mean"}
+    assert first["finals"][0]["NTP"]["reused"] and "reused" not in first["finals"][0]["NITP, λ=2"]
+    if compare.pyplot("lambdas.png", "compare.json") is not None:
+        assert (tmp_path / "lambdas.png").stat().st_size > 0
+    compare.main(common + ["--lambdas", "0.5,1,2"])
+    assert len(trained) == 4  # nothing trained again
+    again = json.loads((tmp_path / "compare.json").read_text())
+    assert again["summaries"] == first["summaries"] and again["lambdas"] == first["lambdas"]
+
+
+def test_only_a_finished_run_of_the_same_settings_is_reused(tmp_path, monkeypatch, capsys):
+    """finished_run: a checkpoint at the last step, of the same settings but for the flags that change neither
+    what is trained nor what is measured, with its final evaluation logged. The same invocation again trains
+    nothing and gives the same summary. A partial run (its checkpoint at an earlier step), a run of other settings
+    or one whose log lacks the final evaluation is trained again."""
+    common = TINY + ["--seeds", "1", "--max-iters", "2", "--eval-interval", "2", "--out-dir", str(tmp_path)]
+    trained, real_train = [], train.train
+    monkeypatch.setattr(train, "train", lambda run, **kw: trained.append(run.args.out_dir) or real_train(run, **kw))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no plots: a second faster, and not what this tests
+    compare.main(common)
+    first = json.loads((tmp_path / "compare.json").read_text())
+    compare.main(common)
+    assert len(trained) == 2 and json.loads((tmp_path / "compare.json").read_text())["summaries"] == first["summaries"]
+    args = compare.parse_args(common)
+    runs = compare.arms(args, 1337, compare.arm_changes(args))
+    ntp = runs["NTP"]
+    assert compare.finished_run(ntp)[0] is not None and compare.finished_run(ntp)[1] is None
+    for flag, value in (("device", "cpu"), ("log_interval", 1), ("compile", True), ("deterministic", True)):
+        assert compare.finished_run(argparse.Namespace(**{**vars(ntp), flag: value}))[0] is not None, flag
+    other = compare.finished_run(argparse.Namespace(**{**vars(ntp), "learning_rate": 1e-3}))
+    assert other == (None, "it was trained with --learning-rate 0.002, not 0.001")
+    assert compare.finished_run(argparse.Namespace(**{**vars(ntp), "out_dir": str(tmp_path / "none")})) == (None, None)
+    metrics = tmp_path / "seed1337-nitp" / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:-1]))  # no final evaluation
+    assert compare.finished_run(runs["NITP"]) == (None, "its metrics.jsonl lacks the final evaluation")
+    ckpt_path = tmp_path / "seed1337-ntp" / "ckpt.pt"
+    torch.save({**torch.load(ckpt_path, weights_only=True), "step": 1}, ckpt_path)  # as if stopped at step 1
+    assert compare.finished_run(ntp) == (None, "it is at step 1, not 2")
+    capsys.readouterr()
+    compare.main(common)
+    assert trained[2:] == [ntp.out_dir, runs["NITP"].out_dir]
+    assert f"seed 1337: NTP: {ntp.out_dir} holds a checkpoint, but it is at step 1, not 2: trained again from the " \
+           f"start" in capsys.readouterr().out
+    assert compare.finished_run(ntp)[0]["step"] == 2 and compare.finished_run(runs["NITP"])[0] is not None
 
 
 # ---------------------------------------------------------------------------------------------------- controls
