@@ -6,10 +6,10 @@ windows of block_size + 1 tokens of the training text (get_batch, just below).
 
 Held out means held out. The Python reference repeats itself: a small topic such as "The while statement" is also
 a section of "Compound statements". A split by position or by topic alone would validate on text the model trained
-on (the old split by position did: 8.7% of its 64-byte chunks, 63 of 728, occurred verbatim in the training text). So every
-line of the training text that shares a passage of PASSAGE (64) bytes or more with the held-out text is cut out of
-training (cut_repeats). No 64-byte passage of the validation text then occurs in the training text, at any offset;
-each run measures this again independently (shared_chunks) and prints it.
+on (the old split by position did: 63 of its 728 64-byte chunks, 8.7%, occurred verbatim in the training text).
+So every line of the training text that shares a passage of PASSAGE (64) bytes or more with the held-out text is
+cut out of training (cut_repeats). No 64-byte passage of the validation text then occurs in the training text, at
+any offset; each run measures this again independently (shared_chunks) and prints it.
 
 Document boundaries. A training window starts at any offset, so it may span the end of one document and the start
 of the next, and so may a NITP pair (t, t+1). Packed-sequence trainers mask such pairs; we do not, because these
