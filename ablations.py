@@ -78,7 +78,8 @@ def report(finals: list[dict], seeds: list[int], out_dir: Path) -> dict:
         for name, row in table.items():
             if against == "NITP" and name == "NITP":
                 continue
-            cells = [cell(row[key] if against == "NTP" else row[key]["vs_nitp"], pattern) for key, _, pattern in COLUMNS]
+            cells = [cell(row[key] if against == "NTP" else row[key]["vs_nitp"], pattern)
+                     for key, _, pattern in COLUMNS]
             print(f"  {name:22s}" + "".join(f" {text:>28s}" for text in cells)
                   + (f" {row['val_nitp']:10.4f}  {row['paper']}" if against == "NTP" else ""))
     print("  (* the cell's direction survives Holm's correction over its table's cells, at 5%; the other cells "

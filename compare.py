@@ -181,7 +181,8 @@ def summarize(finals: list[dict], arm: str = "NITP", baseline: str = "NTP", pref
         print("  " + line)
     if widths:
         settles = (f"what {n} seeds can settle: a mean difference farther than the interval's half-width from the "
-                   f"claim's boundary (0; the margin +{stats.LOSS_MARGIN:g} for the val loss), here " + ", ".join(widths))
+                   f"claim's boundary (0; the margin +{stats.LOSS_MARGIN:g} for the val loss), here "
+                   + ", ".join(widths))
         print("  " + settles)
         summary["what the seeds can settle"] = settles
     summary["verdicts"] = lines
@@ -284,7 +285,8 @@ def plot(out_dir: Path, seeds: list[int], nitp_layer: int, summary: dict, costs:
         deltas = [f"{label} {interval(part[key], pattern)}"
                   for key in ("erank", "anisotropy", "val_lm") for k, label, pattern, _ in METRICS if k == key]
         titles.append(f"{name}: " + "; ".join(deltas))
-    fig.suptitle(f"NITP − NTP at the end [95% interval], {len(seeds)} seed{'s' * (len(seeds) > 1)}. " + "\n".join(titles),
+    fig.suptitle(f"NITP − NTP at the end [95% interval], {len(seeds)} seed{'s' * (len(seeds) > 1)}. "
+                 + "\n".join(titles),
                  fontsize=10 if len(titles) > 1 else 11)
     fig.tight_layout()
     fig.savefig(out_dir / "compare.png", dpi=80)
@@ -613,7 +615,8 @@ def compare(args: argparse.Namespace, on_eval=None) -> None:
     started = time.perf_counter()
     changes = arm_changes(args)
     finals, baselines, probe_s = train_seeds(args, changes, probe_them=True, on_eval=on_eval)
-    save(args, finals, quiet=True, probe_baselines=baselines)  # the runs' results first: whatever the summary meets, they stay
+    # the runs' results first: whatever the summary meets, they stay
+    save(args, finals, quiet=True, probe_baselines=baselines)
     summary = summaries(finals)
     costs = {"NTP": 1.0, "NITP": 1 + nitp_overhead(args)}
     if args.equal_compute:

@@ -60,7 +60,8 @@ def same(a, b, device: str) -> bool:
 def global_torch_settings():
     """Put back what a test switched on for the whole process: --deterministic's deterministic algorithms (left
     on, they make every later CUDA test that scatters or multiplies raise or slow down), and TF32 (a CUDA run's)."""
-    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     yield
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

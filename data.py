@@ -266,9 +266,9 @@ def split_text(text: str, source: str) -> tuple[bytes, list[bytes], str]:
     val = b"".join(val_docs)
     train, cut = cut_repeats(b"".join(doc for doc, take in zip(docs, chosen) if not take), val)
     found, chunks = shared_chunks(train, val)
-    about = (f"held out {len(val_docs)} of {len(docs)} documents ({len(val):,} bytes, {len(val) / len(text.encode()):.1%}"
-             f" of the text); cut {cut:,} bytes of training text that repeat them; {found} of the {chunks} held-out "
-             f"{PASSAGE}-byte chunks occur in the training text ({found / max(chunks, 1):.1%})")
+    about = (f"held out {len(val_docs)} of {len(docs)} documents ({len(val):,} bytes, "
+             f"{len(val) / len(text.encode()):.1%} of the text); cut {cut:,} bytes of training text that repeat them; "
+             f"{found} of the {chunks} held-out {PASSAGE}-byte chunks occur in the training text ({found / max(chunks, 1):.1%})")
     return train, val_docs, about
 
 

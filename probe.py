@@ -47,7 +47,7 @@ from model import GPT
 
 TARGETS = ("quote", "brackets", "indent", "column", "byte t-1", "byte t-2", "byte t-4", "byte t-8",
            "byte t+1", "byte t+2", "byte t+3")
-MIN_FIT, MIN_SCORE = 20, 5  # a class is probed when the fitting half has this many of it, and the scoring half this many
+MIN_FIT, MIN_SCORE = 20, 5  # a class is probed when the fitting text has this many of it and the scoring text this many
 RIDGE = 1e-3                # the ridge penalty, per class (each class weighs 1 in the fit)
 RECENT = 8                  # the "recent embeddings" baseline averages this many
 RESAMPLES, RESAMPLE_SEED = 1000, 0  # resamples of the scoring windows, the same for every model and seed
@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     import train
     from data import get_tokenizer, load_dataset
 
-    parser = machinery.OneLineParser(prog="probe.py", description="Probe the frozen states of the model trained in --out-dir.")
+    parser = machinery.OneLineParser(prog="probe.py",
+                                     description="Probe the frozen states of the model trained in --out-dir.")
     parser.add_argument("--out-dir", default="out", help="the run folder whose ckpt.pt to probe")
     parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device name")
     args = parser.parse_args(argv)
