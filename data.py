@@ -268,7 +268,8 @@ def split_text(text: str, source: str) -> tuple[bytes, list[bytes], str]:
     found, chunks = shared_chunks(train, val)
     about = (f"held out {len(val_docs)} of {len(docs)} documents ({len(val):,} bytes, "
              f"{len(val) / len(text.encode()):.1%} of the text); cut {cut:,} bytes of training text that repeat them; "
-             f"{found} of the {chunks} held-out {PASSAGE}-byte chunks occur in the training text ({found / max(chunks, 1):.1%})")
+             f"{found} of the {chunks} held-out {PASSAGE}-byte chunks occur in the training text "
+             f"({found / max(chunks, 1):.1%})")
     return train, val_docs, about
 
 
