@@ -49,6 +49,7 @@ def test_compare_starts_both_runs_from_the_same_weights_and_batches(device, tmp_
     assert "step 2" in printed and "delta" in printed
 
 
+@pytest.mark.slow
 def test_compare_with_seeds_writes_its_summary(device, tmp_path, capsys):
     """compare.py --seeds 2 finishes, writes both runs' metrics per seed, their probe scores, and a summary: each
     paired difference with its interval, the verdict, and what 2 seeds can settle."""
@@ -191,6 +192,7 @@ def test_a_narrow_head_has_its_width_and_is_refused_for_other_heads():
         NITPConfig(head="linear", head_width=5)
 
 
+@pytest.mark.slow
 def test_compare_with_compile_compiles_each_run_itself(device, tmp_path, monkeypatch):
     """With --compile, each run of compare.py compiles its own model, and its ms/iter includes the compile time,
     as a run on its own would: the NITP run does not reuse the code compiled for the NTP run before it."""
@@ -210,6 +212,7 @@ def test_compare_with_compile_compiles_each_run_itself(device, tmp_path, monkeyp
     assert len(compiled_during) == 2 and all(n > 0 for n in compiled_during), compiled_during
 
 
+@pytest.mark.slow
 def test_equal_compute_trains_ntp_for_nitps_flops_on_the_same_batches(device, tmp_path, capsys):
     """compare.py --equal-compute adds NTP trained for max_iters × (1 + NITP's analytic FLOP overhead) steps, its warm-up
     and evaluation interval stretched alike, from the same weights and on the same batches as the NTP run (its
@@ -238,6 +241,7 @@ def test_equal_compute_trains_ntp_for_nitps_flops_on_the_same_batches(device, tm
     assert "checked against the clock" in printed and result["summary_equal_compute"]["erank"]["t_test_p"] is None
 
 
+@pytest.mark.slow
 def test_the_ablation_table_runs_every_switch_beside_the_papers_numbers(device, tmp_path, capsys):
     """ablations.py trains NTP, NITP and one run per ablation switch for each seed, and prints and saves the
     table of deltas against NTP with the paper's score beside each row."""
@@ -426,6 +430,7 @@ def test_a_second_invocation_reuses_every_finished_run_and_lambdas_train_only_th
     assert again["summaries"] == first["summaries"] and again["lambdas"] == first["lambdas"]
 
 
+@pytest.mark.slow
 def test_only_a_finished_run_of_the_same_settings_is_reused(tmp_path, monkeypatch, capsys):
     """finished_run: a checkpoint at the last step, of the same settings but for the flags that change neither
     what is trained nor what is measured, with its final evaluation logged. The same invocation again trains
@@ -549,6 +554,7 @@ def test_the_probe_interval_holds_the_texts_variance_and_the_targets_are_holm_co
     assert older["probe_mean"]["half_width"] == pytest.approx(stats.t_critical(2) * older["probe_mean"]["std"] / 3 ** 0.5)
 
 
+@pytest.mark.slow
 def test_a_nan_metric_gives_no_verdict_in_words_and_compare_json_is_written(tmp_path, monkeypatch, capsys):
     """A metric that comes out NaN for one run: the summary says which seed gave no verdict, the other metrics are
     summarized, and compare.json is written; and compare.json holds the runs even when the summary itself fails."""
