@@ -650,10 +650,11 @@ def print_wall_clock(finals: list[dict], costs: dict[str, float]) -> None:
 # Seeds of several invocations, pooled
 
 # Flags that do not change what a run trains or how it is measured: invocations that differ only in these pool.
-NOT_TRAINING = {"seed", "seeds", "out_dir", "pool", "equal_compute", "paper_overhead", "lambdas", "probe_depth",
-                "resume", "device", "compile",
-                "deterministic", "log_interval", "eval_interval",
-                "compare", "ablations", "probe"}  # the last three: flags of train.py before compare.py had its own
+# Beyond a run's own (NOT_CHANGING_A_RUN): the seeds, compare.py's flags, and the evaluation interval, which
+# changes a run's curve but not its final evaluation.
+NOT_TRAINING = NOT_CHANGING_A_RUN | {"seed", "seeds", "pool", "equal_compute", "paper_overhead", "lambdas",
+                                     "probe_depth", "eval_interval",
+                                     "compare", "ablations", "probe"}  # the last three: train.py's flags, once
 
 
 def pool(dirs: list[str], out_dir: str) -> dict:
