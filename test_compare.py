@@ -431,12 +431,13 @@ def test_a_second_invocation_reuses_every_finished_run_and_lambdas_train_only_th
 
 
 @pytest.mark.slow
-def test_only_a_finished_run_of_the_same_settings_is_reused(tmp_path, monkeypatch, capsys):
+def test_only_a_finished_run_of_the_same_settings_is_reused(device, tmp_path, monkeypatch, capsys):
     """finished_run: a checkpoint at the last step, of the same settings but for the flags that change neither
     what is trained nor what is measured, with its final evaluation logged. The same invocation again trains
     nothing and gives the same summary. A partial run (its checkpoint at an earlier step), a run of other settings
     or one whose log lacks the final evaluation is trained again."""
-    common = TINY + ["--seeds", "1", "--max-iters", "2", "--eval-interval", "2", "--out-dir", str(tmp_path)]
+    common = TINY + ["--device", device, "--seeds", "1", "--max-iters", "2", "--eval-interval", "2",
+                     "--out-dir", str(tmp_path)]
     trained, real_train = [], train.train
     monkeypatch.setattr(train, "train", lambda run, **kw: trained.append(run.args.out_dir) or real_train(run, **kw))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # no plots: a second faster, and not what this tests
@@ -555,7 +556,7 @@ def test_the_probe_interval_holds_the_texts_variance_and_the_targets_are_holm_co
 
 
 @pytest.mark.slow
-def test_a_nan_metric_gives_no_verdict_in_words_and_compare_json_is_written(tmp_path, monkeypatch, capsys):
+def test_a_nan_metric_gives_no_verdict_in_words_and_compare_json_is_written(device, tmp_path, monkeypatch, capsys):
     """A metric that comes out NaN for one run: the summary says which seed gave no verdict, the other metrics are
     summarized, and compare.json is written; and compare.json holds the runs even when the summary itself fails."""
     real_train = train.train
@@ -567,7 +568,7 @@ def test_a_nan_metric_gives_no_verdict_in_words_and_compare_json_is_written(tmp_
         return records
 
     monkeypatch.setattr(train, "train", nan_rank)
-    common = TINY + ["--seeds", "1", "--max-iters", "2", "--eval-interval", "2"]
+    common = TINY + ["--device", device, "--seeds", "1", "--max-iters", "2", "--eval-interval", "2"]
     compare.main(common + ["--out-dir", str(tmp_path / "nan")])
     result = json.loads((tmp_path / "nan" / "compare.json").read_text())
     assert result["summary"]["erank"]["verdict"] == "no verdict: seed 1337's eff. rank (NITP − NTP) is nan"
