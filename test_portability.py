@@ -140,6 +140,14 @@ def test_float32_on_cuda_multiplies_in_tf32_and_says_so(monkeypatch):
     assert "TF32" in machinery.make_parser().format_help()
 
 
+# torch 2.13.0's torch.cuda.PYTORCH_RELEASES_CODE_CC: planted, so that the test does not depend on the installed
+# torch's list (2.14.1's starts at 13.0 for Blackwell, and its message names cu130 there, rightly).
+TORCH_2_13_BUILDS = {"12.6": {"x86_64": {50, 60, 70, 75, 80, 86, 90}, "aarch64": {80, 90}},
+                     "12.9": {"x86_64": {75, 80, 86, 90, 100, 120}, "aarch64": {80, 90, 100, 120}},
+                     "13.0": {"x86_64": {75, 80, 86, 90, 100, 120}, "aarch64": {80, 90, 100, 110, 120}},
+                     "13.2": {"x86_64": {75, 80, 86, 90, 100, 120}, "aarch64": {80, 90, 100, 110, 120}}}
+
+
 @pytest.mark.parametrize("capability,build", [((12, 0), "cu129"), ((10, 0), "cu129"), ((8, 6), "cu126"),
                                               ((7, 0), "cu126"), ((6, 1), "cu126"), ((3, 7), None)],
                          ids=["rtx50", "b200", "rtx30", "v100", "gtx10", "k80"])
@@ -147,8 +155,11 @@ def test_float32_on_cuda_multiplies_in_tf32_and_says_so(monkeypatch):
 def test_the_missing_kernels_message_names_a_build_for_the_gpus_compute_capability(capability, build,
                                                                                   torch_lists_builds, monkeypatch):
     """A Blackwell card (10.x, 12.x) needs a CUDA 12.8+ build (12.9 is the oldest in torch 2.13's list), a V100 or
-    a GTX 10xx the 12.6 one; a Kepler card none. From torch's own list where it has one (2.13), else ours."""
-    if not torch_lists_builds:
+    a GTX 10xx the 12.6 one; a Kepler card none. From torch's own list where it has one (here torch 2.13's,
+    planted), else ours."""
+    if torch_lists_builds:
+        monkeypatch.setattr(torch.cuda, "PYTORCH_RELEASES_CODE_CC", TORCH_2_13_BUILDS, raising=False)
+    else:
         monkeypatch.delattr(torch.cuda, "PYTORCH_RELEASES_CODE_CC", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "some GPU")
