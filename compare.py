@@ -595,10 +595,12 @@ def plot_lambdas(rows: list[dict], out_dir: Path) -> None:
         ax.errorbar(loss["mean"], rank["mean"], xerr=loss["half_width"], yerr=rank["half_width"], fmt="o",
                     color="C1" if row["arm"] == "NITP" else "C3", capsize=3)
         ax.annotate(f"λ = {lambda_text(row['lambda'])}", (loss["mean"], rank["mean"]), textcoords="offset points",
-                    xytext=(6, 6), fontsize=9)
+                    xytext=(-5, 5), ha="right", fontsize=9)  # up and left: the bars of a larger λ lie up and right
     ax.axvline(stats.LOSS_MARGIN, color="gray", ls="--", lw=1, label=f"loss margin +{stats.LOSS_MARGIN:g}")
     ax.axvline(0, color="black", lw=0.6, zorder=0)
     ax.axhline(0, color="black", lw=0.6, zorder=0)
+    ax.text(0.98, 0.12, "a free λ: its rank bar wholly above 0, its loss bar wholly left of the margin",
+            transform=ax.transAxes, ha="right", fontsize=8)
     ax.set_xlabel("validation loss, NITP − NTP (nats per byte)")
     ax.set_ylabel("effective rank, NITP − NTP")
     ax.legend(fontsize=8)
