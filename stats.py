@@ -155,6 +155,15 @@ def seeds_to_settle(mean: float | None, std: float | None, claim: str = "higher"
     return normal
 
 
+def below_margin_p(summary: dict, margin: float = LOSS_MARGIN) -> float:
+    """One-sided p-value of "the mean difference lies below the margin" (H0: mean >= margin), from paired()'s mean,
+    std, n and shared_var: the test behind "not worse" where several claims are corrected together (holm())."""
+    error = math.sqrt(summary["std"] ** 2 / summary["n"] + (summary["shared_var"] or 0.0))
+    t = (summary["mean"] - margin) / error
+    two_sided = t_two_sided_p(t, summary["n"] - 1)
+    return two_sided / 2 if t < 0 else 1 - two_sided / 2
+
+
 def holm(p_values: list[float | None]) -> list[float | None]:
     """Holm-Bonferroni step-down correction: the adjusted p-values, in the order given (None stays None and is not
     counted). The i-th smallest of m p-values is multiplied by m − i + 1 (i from 1), kept from falling below the

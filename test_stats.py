@@ -127,6 +127,19 @@ def test_seeds_to_settle_reaches_80_percent_power_by_the_exact_noncentral_t():
         assert power(n, distance, std) >= 0.8 > power(n - 1, distance, std), (distance, std, n)
 
 
+def test_the_margin_test_is_one_sided_below_the_margin_and_counts_the_shared_variance():
+    """below_margin_p: H0 "the mean difference is at or above the margin". With 3 seeds (2 degrees of freedom) the
+    two-sided p of |t| = 2 is 1 − 2/√6 in closed form, so t = −2 gives half of it, t = +2 one minus that half, and
+    t = 0 gives 0.5. The shared variance of the text counts in the standard error like the seeds' own."""
+    half = (1 - 2 / math.sqrt(6)) / 2  # 0.0918
+    below = {"n": 3, "std": math.sqrt(3), "shared_var": None, "mean": stats.LOSS_MARGIN - 2}  # error 1, t = −2
+    assert stats.below_margin_p(below) == pytest.approx(half)
+    assert stats.below_margin_p({**below, "mean": stats.LOSS_MARGIN + 2}) == pytest.approx(1 - half)
+    assert stats.below_margin_p({**below, "mean": stats.LOSS_MARGIN}) == pytest.approx(0.5)
+    assert stats.below_margin_p({**below, "std": 0.0, "shared_var": 1.0}) == pytest.approx(half)
+    assert stats.below_margin_p({**below, "mean": 0.0}, margin=2.0) == pytest.approx(half)
+
+
 def test_holm_gives_the_textbook_step_down():
     """Holm-Bonferroni: the smallest p times m, the next times m − 1, ..., never falling, capped at 1; None is not
     counted. Textbook case: 0.01, 0.04, 0.03, 0.005 -> 0.03, 0.06, 0.06, 0.02 (only the first and last survive 5%)."""
